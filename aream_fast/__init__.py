@@ -1,0 +1,70 @@
+"""aream-fast: AReAM (attention re-activation for weakly supervised semantic segmentation) without any
+N x N attention matrix.
+
+Public API (stable; other ViT-WSSS code imports these names)::
+
+    from aream_fast import aream_loss, AReAMLoss, seg_to_patch_labels, aream_loss_reference
+
+Names are resolved lazily so that ``import aream_fast`` stays cheap and optional parts (Triton, timm)
+are only imported when used.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # loss (issue: fused AReAM loss)
+    "aream_loss": "aream_fast.loss",
+    "AReAMLoss": "aream_fast.loss",
+    "aream_loss_reference": "aream_fast.reference",
+    "seg_to_patch_labels": "aream_fast.patch_labels",
+    "pair_counts": "aream_fast.patch_labels",
+    "apply_aream_to_timm": "aream_fast.timm_patch",
+    "AReAMRecorder": "aream_fast.timm_patch",
+    # model records
+    "AttentionRequest": "aream_fast.records",
+    "AttentionRecords": "aream_fast.records",
+    "ViTOutput": "aream_fast.records",
+    # models and CAMs
+    "build_model": "aream_fast.models",
+    "load_pretrained": "aream_fast.models",
+    "pseudo_label_cams": "aream_fast.cam",
+    "inference_cam": "aream_fast.cam",
+    "cams_from_output": "aream_fast.cam",
+    "save_cam_npy": "aream_fast.cam",
+    "load_cam_npy": "aream_fast.cam",
+    "attention_apply": "aream_fast.attention",
+    "class_patch_attention": "aream_fast.attention",
+    "LoadReport": "aream_fast.models",
+    # pseudo labels
+    "PAR": "aream_fast.par",
+    "cams_to_patch_labels": "aream_fast.pseudo_labels",
+    # data and metrics
+    "build_dataset": "aream_fast.data",
+    "ensure_synthetic": "aream_fast.data",
+    "ThresholdSweep": "aream_fast.metrics",
+    "multilabel_map": "aream_fast.metrics",
+    # Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)
+    "flash_attention": "aream_fast.kernels.flash_attention",
+    "attention_apply_triton": "aream_fast.kernels.flash_attention",
+    "aream_loss_triton": "aream_fast.kernels.aream_loss",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aream_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,212 @@
+"""Fused multi-head self-attention that exports O(N d) statistics instead of N x N attention.
+
+DESIGN.md "The one idea", items 5 and 6:
+
+* the model's blocks run a fused attention (``F.scaled_dot_product_attention`` on CPU; SDPA, xformers or
+  our Triton flash kernel on CUDA) and hand their q, k to the caller; no (B, H, N, N) tensor is kept;
+* the head-mean class->patch attention rows of MCTformer's C class tokens are computed from the C query
+  rows only: softmax over a (B, H, C, N) block, which is small;
+* CAM refinement ``R @ cam`` with R = mean over layers and heads of softmax(Z)[C:, C:] is attention with a
+  custom value matrix V = [0 (C rows); cam (P rows)] (``attention_apply``).
+
+Shapes: B batch, H heads, N = C + P tokens (C prefix/class tokens first, then P patches row-major),
+d head width, K value channels (classes). q, k, v layout (B, H, N, d), as SDPA takes them.
+
+Backends (``backend`` argument): "sdpa" (default, everywhere), "auto" (= "sdpa"), "triton" (our flash kernel
+``aream_fast.kernels.flash_attention``, CUDA tensors only) and "xformers" (CUDA tensors only). Triton and
+xformers are imported lazily, only when a CUDA tensor reaches them, so importing this module (and running
+on CPU) never imports triton (DESIGN.md "Backends": CPU tensors never reach a ``triton_op``).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "triton", "xformers")
+
+
+def check_backend(backend: str) -> str:
+    """Validate an attention backend name and return it."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _triton_flash_attention():
+    # Lazy: importing triton (and its interpreter switch) must not happen at module import time.
+    return importlib.import_module("aream_fast.kernels.flash_attention").flash_attention
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, num_prefix_tokens: int = 0,
+                    backend: str = "sdpa") -> Tensor:
+    """softmax(scale * q k^T) v without keeping the N x N matrix.
+
+    q, k, v: (B, H, N, d). Returns (B, H, N, d). ``backend`` "triton" / "xformers" apply to CUDA tensors
+    only; on CPU every backend runs SDPA.
+    """
+    if q.is_cuda and backend == "triton":
+        return _triton_flash_attention()(q, k, v, scale=scale, num_prefix_tokens=num_prefix_tokens)
+    if q.is_cuda and backend == "xformers":
+        xops = importlib.import_module("xformers.ops")
+        # xformers takes (B, N, H, d)
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              scale=scale)
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def class_patch_attention(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: float) -> Tensor:
+    """Head-mean softmax rows of the class tokens, restricted to the patch columns.
+
+    Equals ``mean_h softmax(scale * q k^T)[:, :, :C, C:]`` of the official code (spec §3.1 step 3), computed
+    from the C class rows only: a (B, H, C, N) block, never N x N.
+
+    q, k: (B, H, N, d). Returns (B, C, P) float32 where P = N - C.
+    """
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, H, N, d) with equal shapes, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    c = int(num_prefix_tokens)
+    if not 0 < c < q.shape[2]:
+        raise ValueError(f"num_prefix_tokens must be in [1, N) with N={q.shape[2]}, got {num_prefix_tokens}")
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    logits = torch.matmul(q[:, :, :c].to(dtype) * scale, k.to(dtype).transpose(-2, -1))  # (B, H, C, N)
+    return logits.softmax(dim=-1)[..., c:].mean(dim=1)
+
+
+def _as_layer_list(xs: Union[Tensor, Sequence[Tensor]], name: str) -> Tuple[Tensor, ...]:
+    if isinstance(xs, Tensor):
+        if xs.dim() == 5:
+            return tuple(xs.unbind(0))
+        if xs.dim() == 4:
+            return (xs,)
+        raise ValueError(f"{name} must be (B, H, N, d), (L, B, H, N, d) or a sequence of (B, H, N, d); "
+                         f"got a tensor of shape {tuple(xs.shape)}")
+    if isinstance(xs, Mapping):
+        raise ValueError(f"{name} must be a sequence of tensors, not a mapping (pass list(d.values()))")
+    out = tuple(xs)
+    if not out:
+        raise ValueError(f"{name} must hold at least one layer, got an empty sequence")
+    return out
+
+
+def attention_apply(qs: Union[Tensor, Sequence[Tensor]], ks: Union[Tensor, Sequence[Tensor]], values: Tensor, *,
+                    num_prefix_tokens: int, scale: float,
+                    layer_weights: Optional[Union[Tensor, Sequence[float]]] = None) -> Tensor:
+    """Apply the patch block of the head-mean softmax attention, averaged over layers, to ``values``.
+
+    out[b, :, m] = (1/L) sum_l w_l * mean_h sum_n softmax(scale q_lh k_lh^T)[b, C+m, C+n] * values[b, :, n]
+
+    This is the official refinement ``cam' = R cam`` (spec §3.1 step 4-5): R = mean over layers of
+    Ā_l[C:, C:] ('U', w = 1) or (1/L) sum_l (1 - e_l) Ā_l[C:, C:] ('E', pass w_l = 1 - e_l): the weights are
+    not renormalised, the sum is divided by the number of layers. It runs as SDPA with the P patch queries,
+    all N keys and V = [0 (C rows); values^T (P rows)], so softmax keeps the class columns in its
+    denominator and drops them from the product. V's width is padded (or split into chunks) to the head
+    width d: with any other width SDPA on CPU silently falls back to its N x N math path (DESIGN.md).
+
+    qs, ks: sequence over L layers of (B, H, N, d), or one stacked (L, B, H, N, d) tensor.
+    values: (B, K, P). layer_weights: None or L floats / (L,) tensor.
+    Returns (B, K, P) in float32 (or the dtype of ``values`` if that is float64).
+    """
+    qs = _as_layer_list(qs, "qs")
+    ks = _as_layer_list(ks, "ks")
+    if len(qs) != len(ks):
+        raise ValueError(f"qs and ks must hold the same number of layers, got {len(qs)} and {len(ks)}")
+    q0 = qs[0]
+    for name, layer_list in (("qs", qs), ("ks", ks)):
+        for x in layer_list:
+            if x.dim() != 4 or x.shape != q0.shape:
+                raise ValueError(f"every tensor of {name} must be (B, H, N, d) = {tuple(q0.shape)}, "
+                                 f"got {tuple(x.shape)}")
+    b, h, n, d = q0.shape
+    c = int(num_prefix_tokens)
+    p = n - c
+    if c < 0 or p <= 0:
+        raise ValueError(f"num_prefix_tokens must be in [0, N) with N={n}, got {num_prefix_tokens}")
+    if values.dim() != 3 or values.shape[0] != b or values.shape[2] != p:
+        raise ValueError(f"values must be (B, K, P) = ({b}, K, {p}), got {tuple(values.shape)}")
+    n_layers = len(qs)
+    if layer_weights is None:
+        weights = [1.0] * n_layers
+    else:
+        weights = [float(w) for w in (layer_weights.tolist() if isinstance(layer_weights, Tensor)
+                                      else layer_weights)]
+        if len(weights) != n_layers:
+            raise ValueError(f"layer_weights must have one weight per layer ({n_layers}), got {len(weights)}")
+
+    dtype = torch.float64 if values.dtype == torch.float64 else q0.dtype
+    kk = values.shape[1]
+    n_chunks = -(-kk // d)
+    # V = [0 (C rows); values^T (P rows)], channels padded to n_chunks * d; chunks stacked into the batch.
+    v = values.detach().to(dtype).new_zeros(b, n, n_chunks * d)
+    v[:, c:, :kk] = values.detach().to(dtype).transpose(1, 2)
+    v = v.view(b, n, n_chunks, d).permute(2, 0, 1, 3).reshape(n_chunks * b, 1, n, d).expand(-1, h, -1, -1)
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = None
+    for q, k, w in zip(qs, ks, weights):
+        if w == 0.0:
+            continue
+        qp = q[:, :, c:].detach().to(dtype)
+        kf = k.detach().to(dtype)
+        if n_chunks > 1:
+            qp = qp.repeat(n_chunks, 1, 1, 1)
+            kf = kf.repeat(n_chunks, 1, 1, 1)
+        out = F.scaled_dot_product_attention(qp, kf, v, scale=scale)  # (n_chunks*B, H, P, d)
+        term = out.to(acc_dtype).mean(dim=1)  # accumulate in fp32 even when q, k are fp16 / bf16 (AMP)
+        if w != 1.0:
+            term = term * w
+        acc = term if acc is None else acc + term
+    if acc is None:
+        return values.new_zeros(b, kk, p, dtype=acc_dtype)
+    acc = acc / n_layers  # (n_chunks*B, P, d)
+    acc = acc.view(n_chunks, b, p, d).permute(1, 2, 0, 3).reshape(b, p, n_chunks * d)[:, :, :kk]
+    return acc.transpose(1, 2).contiguous()
+
+
+class Attention(nn.Module):
+    """timm-compatible attention (parameter names ``qkv``, ``proj``) running a fused kernel.
+
+    forward(x (B, N, D), num_prefix_tokens, class_attention: bool) -> (out (B, N, D), q, k (B, H, N, d),
+    class_attn (B, C, P) or None). q and k are the pre-scale projections as SDPA takes them; keeping them
+    costs O(N d) (they are views of the qkv projection, which autograd saves anyway).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = check_backend(backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, D) -> q, k, v each (B, H, N, d)."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return q, k, v
+
+    def forward(self, x: Tensor, num_prefix_tokens: int = 0,
+                class_attention: bool = False) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        b, n, dim = x.shape
+        q, k, v = self.qkv_heads(x)
+        backend = "sdpa" if self.backend == "auto" else self.backend
+        cls_attn = None
+        if q.is_cuda and backend == "triton" and class_attention:
+            # the flash kernel writes the head-mean class rows from its LSE (DESIGN.md item 6)
+            o, _, cls_attn = _triton_flash_attention()(q, k, v, scale=self.scale, num_prefix_tokens=num_prefix_tokens,
+                                                       return_class_attention=True)
+        else:
+            o = fused_attention(q, k, v, scale=self.scale, num_prefix_tokens=num_prefix_tokens, backend=backend)
+        out = self.proj(o.transpose(1, 2).reshape(b, n, dim))
+        if class_attention and cls_attn is None:
+            with torch.no_grad():
+                cls_attn = class_patch_attention(q.detach(), k.detach(), num_prefix_tokens, self.scale)
+        return out, q, k, cls_attn

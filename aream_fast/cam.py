@@ -1,0 +1,251 @@
+"""CAMs for AReAM pseudo labels and inference seeds, without any N x N attention matrix.
+
+* ``pseudo_label_cams``: the official ``gen_msf_cam`` (spec §3.1, tools/camutils.py of Jessie459/AReAM).
+* ``cams_from_output``: the same from the records of a forward that already ran (no extra forward, no flip).
+* ``inference_cam``: the official ``--gen_attention_maps`` seeds (spec §5.1, main_voc_mctformer.py).
+* ``save_cam_npy`` / ``load_cam_npy``: the official ``{"key": int64 (k,), "cam": float32 (k, H, W)}`` files.
+
+The official code stacks every layer's (B, H, N, N) logits, softmaxes and averages them. Here the
+class->patch rows come from the model's C x N class-row softmax (``AttentionRecords.class_attention``) and
+the refinement ``R cam`` runs as attention with V = [0; cam] (``aream_fast.attention.attention_apply``).
+
+Shapes: B batch, K classes (= C class tokens for MCTformer), (H, W) image size, (h, w) patch grid, P = h*w.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aream_fast.attention import attention_apply
+from aream_fast.records import AttentionRequest, ViTOutput
+
+MINMAX_EPS = 1e-6  # official per-(b, k) min-max: x <- x - min; x <- x / (max + 1e-6)
+
+LayerWeights = Optional[Union[Sequence[float], Tensor, Mapping[int, float]]]
+
+
+def _layer_tuple(layers: Sequence[int], depth: int, name: str) -> Tuple[int, ...]:
+    out = tuple(int(layer) for layer in layers)
+    if not out:
+        raise ValueError(f"{name} must name at least one layer, got {layers!r}")
+    if any(not 0 <= layer < depth for layer in out):
+        raise ValueError(f"{name} must hold layer indices in [0, {depth}), got {layers!r}")
+    return out
+
+
+def _weights_for(refine_layers: Tuple[int, ...], refine_weights: LayerWeights) -> Optional[list]:
+    """Per-layer multipliers aligned with ``refine_layers`` (official 'E': 1 - e_l), or None ('U')."""
+    if refine_weights is None:
+        return None
+    if isinstance(refine_weights, Mapping):
+        missing = [layer for layer in refine_layers if layer not in refine_weights]
+        if missing:
+            raise ValueError(f"refine_weights (a layer -> weight mapping) lacks layers {missing}")
+        return [float(refine_weights[layer]) for layer in refine_layers]
+    weights = refine_weights.tolist() if isinstance(refine_weights, Tensor) else list(refine_weights)
+    if len(weights) != len(refine_layers):
+        raise ValueError(f"refine_weights must have one multiplier per refine layer ({len(refine_layers)}, "
+                         f"aligned with refine_layers), got {len(weights)}")
+    return [float(w) for w in weights]
+
+
+def _check_labels(labels: Tensor, batch: int, num_classes: int) -> Tensor:
+    if not isinstance(labels, Tensor) or labels.shape != (batch, num_classes):
+        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels)
+        raise ValueError(f"labels must be a (B, K) = ({batch}, {num_classes}) multi-hot tensor, got {got}")
+    return labels
+
+
+def minmax_normalise(cam: Tensor) -> Tensor:
+    """ReLU, then per (b, k) x <- x - min(x), x <- x / (max(x) + 1e-6). cam (B, K, H, W)."""
+    cam = F.relu(cam)
+    flat = cam.flatten(2)
+    flat = flat - flat.amin(dim=-1, keepdim=True)
+    flat = flat / (flat.amax(dim=-1, keepdim=True) + MINMAX_EPS)
+    return flat.view_as(cam)
+
+
+def refine_cam(out: ViTOutput, refine_layers: Tuple[int, ...], refine_weights: Optional[list]) -> Tensor:
+    """cam (B, K, h, w) ⊙ class attention (C > 1) refined by R = (1/L) sum_l w_l Ā_l[C:, C:] (spec §3.1
+    steps 3-5, before upsampling). Returns (B, K, h, w) float32."""
+    rec = out.records
+    if rec is None:
+        raise ValueError("the forward output has no records: run the model with an AttentionRequest")
+    missing = [layer for layer in refine_layers if layer not in rec.qs]
+    if missing:
+        raise ValueError(f"records lack q/k of refine layers {missing}; request them as refine_layers "
+                         f"(or supervised_layers)")
+    cam = out.cam.float()
+    b, kk, h, w = cam.shape
+    c = rec.num_prefix_tokens
+    if c > 1:
+        if rec.class_attention is None:
+            raise ValueError("an MCT model (C > 1 class tokens) needs records.class_attention; request "
+                             "class_attention_layers")
+        cam = cam * rec.class_attention.detach().float().view(b, c, h, w)
+    refined = attention_apply([rec.qs[layer] for layer in refine_layers],
+                              [rec.ks[layer] for layer in refine_layers],
+                              cam.flatten(2), num_prefix_tokens=c, scale=rec.scale,
+                              layer_weights=refine_weights)
+    return refined.view(b, kk, h, w)
+
+
+@torch.no_grad()
+def pseudo_label_cams(model: nn.Module, images: Tensor, labels: Tensor, *, refine_layers: Sequence[int],
+                      refine_weights: LayerWeights = None, class_attention_layers: Optional[Sequence[int]] = None,
+                      scales: Sequence[float] = (1.0,), flip: bool = True) -> Tensor:
+    """Official ``gen_msf_cam`` (spec §3.1) for the AReAM pseudo labels, without N x N attention.
+
+    The model stays in its current mode (officially train mode: DropPath active). For each scale s: bilinear
+    resize to (int(sH), int(sW)) (skipped at the same size; must stay a multiple of the patch size), batch
+    [x_s; flip_w(x_s)], forward; cam ⊙ class->patch attention averaged over ``class_attention_layers`` (all
+    layers when None; MCT models only); refine with R = mean over ``refine_layers`` of Ā_l[C:, C:] ('U') or
+    (1/L) sum_l w_l Ā_l[C:, C:] with ``refine_weights`` w_l = 1 - e_l ('E'; a sequence aligned with
+    refine_layers or a layer -> weight mapping); bilinear upsample to (H, W); un-flip; sum over scales and
+    flips; ReLU; per-(b, k) min-max (eps 1e-6); multiply by ``labels``.
+
+    images (B, 3, H, W) normalised; labels (B, K) multi-hot. Returns (B, K, H, W) float32 in [0, 1].
+    """
+    depth = model.depth
+    refine = _layer_tuple(refine_layers, depth, "refine_layers")
+    weights = _weights_for(refine, refine_weights)
+    cls_layers = tuple(range(depth)) if class_attention_layers is None else \
+        _layer_tuple(class_attention_layers, depth, "class_attention_layers")
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be (B, 3, H, W), got {getattr(images, 'shape', type(images))}")
+    b, _, hh, ww = images.shape
+    labels = _check_labels(labels, b, model.num_classes)
+    if not scales:
+        raise ValueError("scales must hold at least one scale, got an empty sequence")
+    request = AttentionRequest(refine_layers=refine, class_attention_layers=cls_layers)
+    total = None
+    for s in scales:
+        size = (int(s * hh), int(s * ww))
+        x = images if size == (hh, ww) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            x = torch.cat([x, x.flip(-1)], dim=0)
+        out = model(x, request)
+        cam = refine_cam(out, refine, weights)
+        cam = F.interpolate(cam, size=(hh, ww), mode="bilinear", align_corners=False)
+        view_sum = cam[:b] + cam[b:].flip(-1) if flip else cam
+        total = view_sum if total is None else total + view_sum
+    return minmax_normalise(total) * labels.to(total.dtype)[:, :, None, None]
+
+
+@torch.no_grad()
+def cams_from_output(out: ViTOutput, labels: Tensor, image_size: Tuple[int, int], *,
+                     refine_layers: Sequence[int], refine_weights: LayerWeights = None) -> Tensor:
+    """``pseudo_label_cams`` from an existing forward's cam and records (no extra forward, no flip, scale 1):
+    for ``--pseudo-from-forward``. The class attention is whatever ``class_attention_layers`` that forward
+    requested (officially all layers); ``refine_layers`` must be in its records (refine or supervised).
+
+    out: ViTOutput with records; labels (B, K); image_size (H, W). Returns (B, K, H, W) float32 in [0, 1].
+    """
+    if out.records is None:
+        raise ValueError("out.records is None: run the forward with an AttentionRequest")
+    refine = tuple(int(layer) for layer in refine_layers)
+    if not refine:
+        raise ValueError("refine_layers must name at least one layer")
+    weights = _weights_for(refine, refine_weights)
+    b, kk = out.cam.shape[:2]
+    labels = _check_labels(labels, b, kk)
+    hh, ww = int(image_size[0]), int(image_size[1])
+    cam = refine_cam(out, refine, weights)
+    cam = F.interpolate(cam, size=(hh, ww), mode="bilinear", align_corners=False)
+    return minmax_normalise(cam) * labels.to(cam.dtype)[:, :, None, None]
+
+
+@torch.no_grad()
+def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Sequence[float] = (1.0,),
+                  flip: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Official CAM seeds (spec §5.1, ``generate_attention_maps``), without N x N attention.
+
+    Runs in eval mode (the previous mode is restored afterwards). For each scale s (the image bicubic-resized
+    to (int(sH), int(sW)) when s != 1; the official code resizes with PIL, so s != 1 is close to, not bit-equal
+    to, it) and its horizontal flip: zero-pad right/bottom to a multiple of the patch size, forward with
+    position-embedding interpolation, cam ⊙ class attention (mean over ALL layers, MCT only), keep the
+    present classes, refine with R = mean over ALL layers of Ā_l[C:, C:] (uniform, no entropy weights),
+    bilinear to the padded size, crop, flip back, bilinear to (H, W). Sum the views, ReLU, per-class min-max
+    (eps 1e-6).
+
+    image (3, H, W) normalised; labels (K,) multi-hot. Returns (keys int64 (k,), cam float32 (k, H, W)) as
+    numpy arrays, k = number of present classes (0 if none; the official code then writes no file).
+    """
+    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != model.in_chans:
+        raise ValueError(f"image must be ({model.in_chans}, H, W), got {getattr(image, 'shape', type(image))}")
+    if not isinstance(labels, Tensor) or labels.shape != (model.num_classes,):
+        raise ValueError(f"labels must be a (K,) = ({model.num_classes},) multi-hot tensor, "
+                         f"got {getattr(labels, 'shape', type(labels))}")
+    if not scales:
+        raise ValueError("scales must hold at least one scale, got an empty sequence")
+    keys = torch.nonzero(labels > 0).flatten()
+    _, hh, ww = image.shape
+    if keys.numel() == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, hh, ww), dtype=np.float32)
+    depth = model.depth
+    all_layers = tuple(range(depth))
+    request = AttentionRequest(refine_layers=all_layers, class_attention_layers=all_layers)
+    ps = model.patch_size
+    was_training = model.training
+    model.eval()
+    try:
+        total = None
+        for s in scales:
+            size = (int(s * hh), int(s * ww))
+            x = image[None]
+            if size != (hh, ww):
+                x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+            if flip:
+                x = torch.cat([x, x.flip(-1)], dim=0)  # the two views share one batch (eval mode: independent)
+            pad_h, pad_w = (-size[0]) % ps, (-size[1]) % ps
+            x = F.pad(x, (0, pad_w, 0, pad_h))  # zeros in normalised space, right / bottom
+            out = model(x, request)
+            rec = out.records
+            cam = out.cam.float()
+            nv, _, h, w = cam.shape
+            c = rec.num_prefix_tokens
+            if c > 1:
+                cam = cam * rec.class_attention.float().view(nv, c, h, w)
+            cam = cam[:, keys]
+            cam = attention_apply([rec.qs[layer] for layer in all_layers], [rec.ks[layer] for layer in all_layers],
+                                  cam.flatten(2), num_prefix_tokens=c, scale=rec.scale).view(nv, -1, h, w)
+            cam = F.interpolate(cam, size=(size[0] + pad_h, size[1] + pad_w), mode="bilinear",
+                                align_corners=False)[:, :, :size[0], :size[1]]
+            if flip:
+                cam = torch.cat([cam[:1], cam[1:].flip(-1)], dim=0)
+            if size != (hh, ww):
+                cam = F.interpolate(cam, size=(hh, ww), mode="bilinear", align_corners=False)
+            view_sum = cam.sum(dim=0, keepdim=True)
+            total = view_sum if total is None else total + view_sum
+    finally:
+        model.train(was_training)
+    cam = minmax_normalise(total)[0]
+    return keys.cpu().numpy().astype(np.int64), cam.cpu().numpy().astype(np.float32)
+
+
+def save_cam_npy(path: Union[str, os.PathLike], keys, cam) -> None:
+    """Write the official seed file: ``np.save(path, {"key": int64 (k,), "cam": float32 (k, H, W)})``."""
+    keys = np.asarray(keys.cpu() if isinstance(keys, Tensor) else keys).astype(np.int64)
+    cam = np.asarray(cam.cpu() if isinstance(cam, Tensor) else cam).astype(np.float32)
+    if keys.ndim != 1 or cam.ndim != 3 or cam.shape[0] != keys.shape[0]:
+        raise ValueError(f"keys must be (k,) and cam (k, H, W) with the same k, got {keys.shape} and {cam.shape}")
+    np.save(path, {"key": keys, "cam": cam})
+
+
+def load_cam_npy(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, np.ndarray]:
+    """Read an official seed file; returns (keys int64 (k,), cam float32 (k, H, W))."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CAM file not found: {path!r}")
+    content = np.load(path, allow_pickle=True)
+    if content.dtype != object or content.shape != ():
+        raise ValueError(f"{path!r} is not a CAM seed file: expected a pickled dict with 'key' and 'cam'")
+    content = content.item()
+    if not isinstance(content, dict) or "key" not in content or "cam" not in content:
+        raise ValueError(f"{path!r} is not a CAM seed file: expected a dict with 'key' and 'cam'")
+    return np.asarray(content["key"]).astype(np.int64), np.asarray(content["cam"]).astype(np.float32)

@@ -1,0 +1,59 @@
+"""AdamW with the official parameter groups (spec §7): weight decay on weight matrices only.
+
+No decay on 1-D parameters (norm weights, biases), on any ``*.bias``, and on ``pos_embed`` (timm's
+``no_weight_decay``). Note (spec §10.5): the official MCTformer ``no_weight_decay`` omits ``cls_token``,
+so class tokens *are* decayed there; they are 3-D here, so the same rule decays them too.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+NO_DECAY_NAMES = ("pos_embed",)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """Two AdamW groups: decayed (>= 2-D weights) and not decayed (1-D, biases, pos_embed)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if param.ndim <= 1 or leaf == "bias" or leaf in NO_DECAY_NAMES:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """timm-style AdamW (eps 1e-8, betas 0.9/0.999) over :func:`param_groups`."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def freeze_unused_parameters(model: nn.Module, image_size: int, device: torch.device) -> List[str]:
+    """Set ``requires_grad=False`` on parameters no training loss can reach, and return their names.
+
+    Probe: one forward + backward of the classification logits on a (1, 3, S, S) input (under
+    ``fork_rng``, so the training RNG stream is untouched). Example: MCTformer loads but never applies the
+    final LayerNorm (spec §1.1); DDP would otherwise fail on parameters that never get a gradient. AdamW skips
+    parameters without a gradient anyway, so freezing them changes no value; it keeps the optimizer state the
+    same with and without DDP (resume across world sizes).
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x = torch.randn(1, 3, image_size, image_size, device=device)
+        was_training = model.training
+        model.train()
+        out = model(x)
+        (out.class_logits.sum() + out.patch_logits.sum()).backward()
+        model.train(was_training)
+    unused = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.grad is None:
+            param.requires_grad_(False)
+            unused.append(name)
+        param.grad = None
+    return unused

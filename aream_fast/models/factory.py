@@ -1,0 +1,45 @@
+"""``build_model``: named ViT configurations for WSSS."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple, Union
+
+from aream_fast.models.pretrained import load_pretrained
+from aream_fast.models.vit import WSSSViT
+
+# name -> (mct, architecture). Small = DeiT-S / ViT-S (384, 6 heads), Base = DeiT-B / ViT-B (768, 12 heads).
+MODEL_CONFIGS: Dict[str, Tuple[bool, Dict[str, Any]]] = {
+    "mct_deit_small": (True, dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, patch_size=16)),
+    "mct_deit_base": (True, dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16)),
+    "vit_small": (False, dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, patch_size=16)),
+    "vit_base": (False, dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16)),
+}
+
+_OVERRIDABLE = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "in_chans")
+
+
+def build_model(name: str, num_classes: int, img_size: Union[int, Tuple[int, int]] = 224, drop_path: float = 0.1,
+                pretrained: Optional[Union[str, os.PathLike]] = None, attention_backend: str = "auto",
+                **overrides: Any) -> WSSSViT:
+    """Build "mct_deit_small", "mct_deit_base", "vit_small" or "vit_base".
+
+    num_classes: K foreground classes (= C class tokens for the MCT models). img_size: training size (int or
+    (H, W), multiple of 16): sets the stored position-embedding grid. drop_path: stochastic-depth rate of the
+    last block (linear from 0). pretrained: path of a local timm/DeiT checkpoint (``load_pretrained``).
+    attention_backend: "auto" (= "sdpa"), "sdpa", "triton" or "xformers" (the latter two CUDA only).
+    overrides: architecture fields for tiny test models (embed_dim, depth, num_heads, mlp_ratio, patch_size,
+    in_chans).
+    """
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model name {name!r}; choose one of {sorted(MODEL_CONFIGS)}")
+    bad = sorted(set(overrides) - set(_OVERRIDABLE))
+    if bad:
+        raise ValueError(f"build_model got unknown keyword arguments {bad}; allowed overrides: {_OVERRIDABLE}")
+    mct, arch = MODEL_CONFIGS[name]
+    arch = {**arch, **overrides}
+    model = WSSSViT(num_classes, mct=mct, img_size=img_size, drop_path=drop_path,
+                    attention_backend=attention_backend, **arch)
+    model.model_name = name
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model

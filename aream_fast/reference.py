@@ -1,0 +1,99 @@
+"""The official AReAM affinity loss on materialised attention logits: the ground truth for every backend.
+
+Transcribes Jessie459/AReAM (``losses.py`` and the loss loop of ``main_voc_mctformer.py``, spec §2 and
+§3.4) deliberately in its own memory-hungry form: it takes the full (B, H, N, N) pre-softmax logits of each
+supervised layer and materialises the B x P x P pair label T, exactly as the official code does. Use it for
+parity tests and as the baseline in benchmarks, never for training.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["aream_loss_reference", "patch_labels_to_affinity"]
+
+
+def patch_labels_to_affinity(patch_labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """Official ``seg_to_aff`` after the nearest downsampling (spec §3.4 step 2).
+
+    Args:
+        patch_labels: (B, P) integer patch labels.
+
+    Returns:
+        (B, P, P) int64 T with T[b, m, n] = 1 if labels m and n agree, 0 if they differ, and ``ignore_index``
+        wherever label m or label n is ``ignore_index``. The diagonal stays 1 for valid patches.
+    """
+    labels = patch_labels.to(torch.int64)
+    num_patches = labels.shape[1]
+    rows = labels.unsqueeze(2).expand(-1, -1, num_patches)
+    cols = labels.unsqueeze(1).expand(-1, num_patches, -1)
+    aff = (rows == cols).to(torch.int64)
+    aff[rows == ignore_index] = ignore_index
+    aff[cols == ignore_index] = ignore_index
+    return aff
+
+
+def aream_loss_reference(
+    attn_logits: Union[Sequence[Tensor], Tensor],
+    patch_labels: Tensor,
+    *,
+    num_prefix_tokens: int = 0,
+    layer_weights: Optional[Union[Sequence[float], Tensor]] = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    """Official AReAM affinity loss (spec §2 step 3) on materialised pre-softmax logits.
+
+    Args:
+        attn_logits: one (B, H, N, N) tensor of **pre-softmax** logits ``Z = scale * q k^T`` per supervised
+            layer (a sequence, or a stacked (L, B, H, N, N) tensor).
+        patch_labels: (B, P) integer labels, P = N - num_prefix_tokens; ``ignore_index`` marks ignored patches.
+        num_prefix_tokens: C, the number of class / prefix tokens in front of the patches.
+        layer_weights: None (uniform, official 'U') or L weights (official 'E'); multiplied in but not
+            renormalised: the result is still divided by L.
+        ignore_index: label of ignored patches.
+
+    Returns:
+        0-dim tensor: ``mean_l w_l * (0.5 * sum_pos (1 - S_l) / (|pos| + 1) + 0.5 * sum_neg S_l / (|neg| + 1))``
+        with ``S_l = sigmoid(mean_h Z_l[:, :, C:, C:])`` and batch-global counts. Computed in float32 for
+        float16 / bfloat16 logits, otherwise in the logits' dtype.
+    """
+    logits = list(attn_logits.unbind(0)) if isinstance(attn_logits, Tensor) else list(attn_logits)
+    if len(logits) == 0:
+        raise ValueError("attn_logits must hold at least one (B, H, N, N) tensor, got an empty sequence")
+    num_layers = len(logits)
+    if layer_weights is None:
+        weights = [1.0] * num_layers
+    else:
+        weights = list(layer_weights)
+        if len(weights) != num_layers:
+            raise ValueError(
+                f"layer_weights must have one weight per supervised layer ({num_layers}), got {len(weights)}"
+            )
+    c = num_prefix_tokens
+    # seg_to_aff: the B x P x P pair label, materialised as in the official code.
+    aff = patch_labels_to_affinity(patch_labels, ignore_index)
+    pos_label = (aff == 1).to(torch.int16)
+    neg_label = (aff == 0).to(torch.int16)
+    pos_count = pos_label.sum() + 1
+    neg_count = neg_label.sum() + 1
+    total = None
+    for z, w in zip(logits, weights):
+        if z.dim() != 4 or z.shape[-1] != z.shape[-2]:
+            raise ValueError(f"each attn_logits entry must have shape (B, H, N, N), got {tuple(z.shape)}")
+        if z.shape[-1] - c != patch_labels.shape[1]:
+            raise ValueError(
+                f"patch_labels has P={patch_labels.shape[1]} patches but attn_logits has N={z.shape[-1]} tokens "
+                f"with num_prefix_tokens={c}"
+            )
+        if z.dtype in (torch.float16, torch.bfloat16):
+            z = z.float()
+        # Head mean of the pre-softmax logits on the patch-patch block, then the sigmoid (spec §2).
+        attn = torch.sigmoid(z[:, :, c:, c:].mean(dim=1))
+        pos_loss = torch.sum(pos_label * (1 - attn)) / pos_count
+        neg_loss = torch.sum(neg_label * attn) / neg_count
+        loss_l = 0.5 * pos_loss + 0.5 * neg_loss
+        term = w * loss_l
+        total = term if total is None else total + term
+    return total / num_layers

@@ -1,0 +1,1 @@
+"""Triton kernels (installed as aream_fast.kernels). Each file: kernels + launcher + torch.library op."""

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Write CAM seeds (official ``{"key", "cam"}`` .npy content, spec §5.1) for a split from a training checkpoint.
+
+    python scripts/make_cams.py --checkpoint runs/synthetic-aream/<stamp>/checkpoint_best.pth --split val --eval
+    python scripts/make_cams.py --checkpoint ckpt.pth --data-root VOCdevkit/VOC2012 --split train_aug \
+        --scales 1.0 --out-dir cams/train_aug            # official seeds (train_aug, scale 1 + flip)
+    torchrun --nproc_per_node 2 scripts/make_cams.py ...  # shards the images over processes
+
+``--eval`` scores the written CAMs against the split's masks (background-threshold sweep, per-class IoU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="make_cams.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pth / checkpoint_best.pth written by train.py")
+    p.add_argument("--split", default=None, help="split to process (default: the run's --cam-split)")
+    p.add_argument("--data-root", default=None, help="dataset root (default: the run's)")
+    p.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/cams_<split>")
+    p.add_argument("--scales", default="1.0", help="comma-separated inference scales (official: 1.0)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="skip the flipped view")
+    p.add_argument("--overlays", type=int, default=0, help="also write PNG overlays for the first N images")
+    p.add_argument("--eval", action="store_true", help="score the CAMs (needs masks): threshold sweep mIoU")
+    p.add_argument("--device", default=None)
+    p.add_argument("--skip-bad-images", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        scales = tuple(float(s) for s in args.scales.replace(",", " ").split())
+    except ValueError:
+        raise SystemExit(f"--scales must be comma-separated floats, got {args.scales!r}")
+    if not scales or any(s <= 0 for s in scales):
+        raise SystemExit(f"--scales must be positive, got {args.scales!r}")
+
+    from aream_fast.engine.build import build_split, load_model_from_checkpoint, resolve_data_root
+    from aream_fast.engine.cams import score_cams, write_cams
+    from aream_fast.engine.distributed import barrier, cleanup, init_distributed
+
+    info = init_distributed(args.device)
+    try:
+        model, cfg = load_model_from_checkpoint(args.checkpoint, info.device)
+        if args.data_root is not None:
+            cfg.data_root = args.data_root
+        cfg.skip_bad_images = args.skip_bad_images or cfg.skip_bad_images
+        split = args.split or cfg.cam_split
+        root = resolve_data_root(cfg, create=False)
+        dataset = build_split(cfg, root, split, train=False, native_size=True, with_masks=True if args.eval else None)
+        out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"cams_{split}")
+        n = write_cams(model, dataset, out_dir, scales=scales, flip=args.flip, device=info.device,
+                       overlays=args.overlays, rank=info.rank, world_size=info.world_size,
+                       progress=info.is_main)
+        print(f"[rank {info.rank}] wrote {n} CAM files to {out_dir}", flush=True)
+        barrier(info)
+        if args.eval and info.is_main:
+            results = score_cams(out_dir, dataset, log=print)
+            with open(os.path.join(out_dir, "cam_eval.json"), "w") as fh:
+                json.dump(results, fh, indent=2)
+    finally:
+        cleanup(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
