@@ -48,6 +48,10 @@ _EXPORTS = {
     "ensure_synthetic": "aream_fast.data",
     "ThresholdSweep": "aream_fast.metrics",
     "multilabel_map": "aream_fast.metrics",
+    # over-smoothing diagnostics and entropy layer weights
+    "entropy_to_layer_weights": "aream_fast.entropy",
+    "layer_entropies": "aream_fast.entropy",
+    "layer_affinity_diagnostics": "aream_fast.diagnostics",
     # Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)
     "flash_attention": "aream_fast.kernels.flash_attention",
     "attention_apply_triton": "aream_fast.kernels.flash_attention",

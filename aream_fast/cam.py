@@ -62,12 +62,20 @@ def _check_labels(labels: Tensor, batch: int, num_classes: int) -> Tensor:
 
 
 def minmax_normalise(cam: Tensor) -> Tensor:
-    """ReLU, then per (b, k) x <- x - min(x), x <- x / (max(x) + 1e-6). cam (B, K, H, W)."""
-    cam = F.relu(cam)
-    flat = cam.flatten(2)
-    flat = flat - flat.amin(dim=-1, keepdim=True)
-    flat = flat / (flat.amax(dim=-1, keepdim=True) + MINMAX_EPS)
-    return flat.view_as(cam)
+    """ReLU, then per (b, k) x <- x - min(x), x <- x / (max(x) + 1e-6). cam (B, K, H, W); returns a new tensor."""
+    return minmax_normalise_(cam.clone())
+
+
+def minmax_normalise_(cam: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    """In-place ``minmax_normalise`` of a contiguous (B, K, H, W) cam, then (optionally) ``cam *= labels``
+    ((B, K) multi-hot). Used on freshly upsampled full-resolution maps, where every out-of-place step would
+    allocate another B*K*H*W buffer (64 MiB at 448 px, K = 20)."""
+    flat = cam.relu_().view(cam.shape[0], cam.shape[1], -1)
+    flat.sub_(flat.amin(dim=-1, keepdim=True))
+    flat.div_(flat.amax(dim=-1, keepdim=True).add_(MINMAX_EPS))
+    if labels is not None:
+        flat.mul_(labels.to(flat.dtype)[:, :, None])
+    return cam
 
 
 def refine_cam(out: ViTOutput, refine_layers: Tuple[int, ...], refine_weights: Optional[list]) -> Tensor:
@@ -126,15 +134,23 @@ def pseudo_label_cams(model: nn.Module, images: Tensor, labels: Tensor, *, refin
     total = None
     for s in scales:
         size = (int(s * hh), int(s * ww))
+        ps = model.patch_size
+        if size != (hh, ww) and (size[0] <= 0 or size[1] <= 0 or size[0] % ps or size[1] % ps):
+            raise ValueError(f"scales: scale {s} turns the {hh}x{ww} images into {size[0]}x{size[1]}, which is not "
+                             f"a positive multiple of the patch size {ps}")
         x = images if size == (hh, ww) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
         out = model(x, request)
         cam = refine_cam(out, refine, weights)
-        cam = F.interpolate(cam, size=(hh, ww), mode="bilinear", align_corners=False)
+        del out
+        # Bilinear upsampling (align_corners=False) is linear and commutes with a horizontal flip, so the
+        # views are un-flipped and summed at patch resolution and upsampled once: the same sum as the
+        # official upsample-then-sum (up to fp32 rounding) without 2B x K x H x W temporaries.
         view_sum = cam[:b] + cam[b:].flip(-1) if flip else cam
-        total = view_sum if total is None else total + view_sum
-    return minmax_normalise(total) * labels.to(total.dtype)[:, :, None, None]
+        view_sum = F.interpolate(view_sum, size=(hh, ww), mode="bilinear", align_corners=False)
+        total = view_sum if total is None else total.add_(view_sum)
+    return minmax_normalise_(total.contiguous(), labels)
 
 
 @torch.no_grad()
@@ -157,7 +173,7 @@ def cams_from_output(out: ViTOutput, labels: Tensor, image_size: Tuple[int, int]
     hh, ww = int(image_size[0]), int(image_size[1])
     cam = refine_cam(out, refine, weights)
     cam = F.interpolate(cam, size=(hh, ww), mode="bilinear", align_corners=False)
-    return minmax_normalise(cam) * labels.to(cam.dtype)[:, :, None, None]
+    return minmax_normalise_(cam.contiguous(), labels)
 
 
 @torch.no_grad()
@@ -224,7 +240,7 @@ def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Se
             total = view_sum if total is None else total + view_sum
     finally:
         model.train(was_training)
-    cam = minmax_normalise(total)[0]
+    cam = minmax_normalise_(total.contiguous())[0]
     return keys.cpu().numpy().astype(np.int64), cam.cpu().numpy().astype(np.float32)
 
 

@@ -14,6 +14,7 @@ Backends:
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -101,7 +102,9 @@ def _validate(
         raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(scale, Tensor) or not isinstance(scale, (int, float)) or not (scale > 0) or scale == float("inf"):
+    # numbers.Real: Python and NumPy scalars (np.float32 is not a float subclass); bool and tensors are refused.
+    if (isinstance(scale, (Tensor, bool)) or not isinstance(scale, numbers.Real) or not (scale > 0)
+            or scale == float("inf")):
         raise ValueError(f"scale must be a positive finite float (d ** -0.5), got {scale!r}")
 
     if not isinstance(patch_labels, Tensor):

@@ -88,8 +88,11 @@ class PAR(nn.Module):
             scale = -1.0 / ((std + 1e-8) * self.w1) ** 2
             for k in range(n):
                 aff[:, k].add_((neigh[k] - xc).square_().mul_(scale))
-        aff = torch.softmax(aff / c, dim=1)
-        return aff + self.w2 * self.pos_weights.to(aff.device).view(1, n, 1, 1)
+        # softmax over the 48 neighbours, in place: one (B, 48, H, W) buffer instead of four
+        aff.div_(c)
+        aff.sub_(aff.amax(dim=1, keepdim=True)).exp_()
+        aff.div_(aff.sum(dim=1, keepdim=True))
+        return aff.add_(self.w2 * self.pos_weights.to(aff.device).view(1, n, 1, 1))
 
     def propagate(self, masks: Tensor, weights: Tensor) -> Tensor:
         """``num_iters`` rounds of M(i) ← Σ_k W_k(i) M(i + δ_k); masks (B, M, H, W), weights (B, 48, H, W)."""

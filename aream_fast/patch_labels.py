@@ -80,8 +80,16 @@ def pair_counts(
     labels = patch_labels.to(torch.int64)
     batch = labels.shape[0]
     valid = labels != ignore_index
+    if bool(((labels < 0) & valid).any()):
+        raise ValueError(
+            f"patch_labels must hold values >= 0 or ignore_index={ignore_index}, got min {int(labels[valid].min())}"
+        )
+    max_label = int(labels[valid].max()) if bool(valid.any()) else -1
     if num_labels is None:
-        num_labels = int(labels[valid].max()) + 1 if bool(valid.any()) else 1
+        num_labels = max_label + 1 if max_label >= 0 else 1
+    elif max_label >= num_labels:
+        # A label >= num_labels would share a bincount bin with another image's label: wrong counts.
+        raise ValueError(f"patch_labels hold label {max_label} >= num_labels={num_labels}")
     # One bin per (image, label); ignored patches are dropped before the bincount.
     image = torch.arange(batch, device=labels.device).unsqueeze(1).expand_as(labels)
     keys = (image * num_labels + labels)[valid]

@@ -21,6 +21,9 @@ from .patch_labels import seg_to_patch_labels
 
 
 def _check(images: Tensor, cams: Tensor, labels: Tensor) -> None:
+    for name, x in (("images", images), ("cams", cams), ("labels", labels)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(f"images must be a float (B, 3, H, W) tensor, got {tuple(images.shape)} {images.dtype}")
     if cams.dim() != 4 or not cams.is_floating_point():
@@ -129,6 +132,8 @@ def cams_to_patch_labels(images: Tensor, cams: Tensor, labels: Tensor, *, par: P
         seg_l is fg), or None when ``sample_only``; patch_labels: (B, P) int64, P = (H/ps)·(W/ps).
     """
     _check(images, cams, labels)
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     H, W = images.shape[-2:]
     if H % patch_size or W % patch_size:
         raise ValueError(f"images H, W must be multiples of patch_size={patch_size}, got {tuple(images.shape)}")

@@ -25,6 +25,10 @@ def patch_labels_to_affinity(patch_labels: Tensor, ignore_index: int = 255) -> T
         (B, P, P) int64 T with T[b, m, n] = 1 if labels m and n agree, 0 if they differ, and ``ignore_index``
         wherever label m or label n is ``ignore_index``. The diagonal stays 1 for valid patches.
     """
+    if ignore_index in (0, 1):
+        raise ValueError(
+            f"ignore_index must differ from the pair codes 0 and 1 of the affinity map, got {ignore_index}"
+        )
     labels = patch_labels.to(torch.int64)
     num_patches = labels.shape[1]
     rows = labels.unsqueeze(2).expand(-1, -1, num_patches)
@@ -59,6 +63,11 @@ def aream_loss_reference(
         with ``S_l = sigmoid(mean_h Z_l[:, :, C:, C:])`` and batch-global counts. Computed in float32 for
         float16 / bfloat16 logits, otherwise in the logits' dtype.
     """
+    if not isinstance(patch_labels, Tensor) or patch_labels.dim() != 2:
+        got = tuple(patch_labels.shape) if isinstance(patch_labels, Tensor) else type(patch_labels).__name__
+        raise ValueError(f"patch_labels must be a (B, P) integer tensor, got {got}")
+    if patch_labels.dtype.is_floating_point or patch_labels.dtype.is_complex or patch_labels.dtype == torch.bool:
+        raise ValueError(f"patch_labels must be an integer tensor, got dtype {patch_labels.dtype}")
     logits = list(attn_logits.unbind(0)) if isinstance(attn_logits, Tensor) else list(attn_logits)
     if len(logits) == 0:
         raise ValueError("attn_logits must hold at least one (B, H, N, N) tensor, got an empty sequence")
@@ -72,16 +81,26 @@ def aream_loss_reference(
                 f"layer_weights must have one weight per supervised layer ({num_layers}), got {len(weights)}"
             )
     c = num_prefix_tokens
-    # seg_to_aff: the B x P x P pair label, materialised as in the official code.
-    aff = patch_labels_to_affinity(patch_labels, ignore_index)
-    pos_label = (aff == 1).to(torch.int16)
-    neg_label = (aff == 0).to(torch.int16)
+    # seg_to_aff: the B x P x P pair label, materialised as in the official code. The positive / negative
+    # masks come from label equality and validity directly, not from the 0 / 1 / ignore_index coded T:
+    # with ignore_index 0 or 1 that code would make ignored pairs count as negatives / positives.
+    labels = patch_labels.to(torch.int64)
+    valid = labels != ignore_index
+    both_valid = valid.unsqueeze(2) & valid.unsqueeze(1)
+    same = labels.unsqueeze(2) == labels.unsqueeze(1)
+    pos_label = (both_valid & same).to(torch.int16)
+    neg_label = (both_valid & ~same).to(torch.int16)
     pos_count = pos_label.sum() + 1
     neg_count = neg_label.sum() + 1
     total = None
     for z, w in zip(logits, weights):
         if z.dim() != 4 or z.shape[-1] != z.shape[-2]:
             raise ValueError(f"each attn_logits entry must have shape (B, H, N, N), got {tuple(z.shape)}")
+        if z.shape[0] != patch_labels.shape[0]:
+            raise ValueError(
+                f"patch_labels has batch size {patch_labels.shape[0]} but attn_logits entries have shape "
+                f"{tuple(z.shape)} (B={z.shape[0]})"
+            )
         if z.shape[-1] - c != patch_labels.shape[1]:
             raise ValueError(
                 f"patch_labels has P={patch_labels.shape[1]} patches but attn_logits has N={z.shape[-1]} tokens "

@@ -33,7 +33,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from aream_fast.data.classes import dataset_info  # noqa: E402
 from aream_fast.data.dataset import labels_from_mask  # noqa: E402
 from aream_fast.data.image_io import read_mask  # noqa: E402
-from aream_fast.data.layout import resolve_split  # noqa: E402
+from aream_fast.data.layout import DatasetLayoutError, resolve_split  # noqa: E402
 from aream_fast.metrics import ThresholdSweep, confusion_matrix, iou_from_confusion  # noqa: E402
 
 
@@ -86,8 +86,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, required=True, help="dataset folder (see aream_fast.data.layout)")
     p.add_argument("--split", default="train", help="split name or list file (official CAM protocol: VOC train)")
     p.add_argument("--mask-dir", default=None,
-                   help="GT mask folder under the root (default SegmentationClassAug if present, else "
-                        "SegmentationClass; the official VOC protocol uses SegmentationClass)")
+                   help="GT mask folder under the root (default: for VOC, SegmentationClass when it holds "
+                        "every listed mask (the official protocol); otherwise SegmentationClassAug if present, "
+                        "else SegmentationClass)")
     p.add_argument("--start", type=int, default=1, help="first threshold ×100 (official 1)")
     p.add_argument("--stop", type=int, default=80, help="last threshold ×100, exclusive (official 80)")
     p.add_argument("--out", type=Path, default=None, help="JSON result file (default <pred-dir>/eval_<split>.json)")
@@ -103,7 +104,17 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
 
     info = dataset_info(args.dataset)
     C = info.num_classes + 1
-    files = resolve_split(args.dataset, args.data_root, args.split, with_masks=True, mask_dir=args.mask_dir)
+    files = None
+    if args.mask_dir is None and args.dataset == "voc":
+        # Official protocol (spec §5.3): the VOC ground truth is SegmentationClass, not SegmentationClassAug
+        # (which resolve_split prefers for training). Use it whenever it holds every listed mask.
+        try:
+            files = resolve_split(args.dataset, args.data_root, args.split, with_masks=True,
+                                  mask_dir="SegmentationClass")
+        except DatasetLayoutError:
+            files = None
+    if files is None:
+        files = resolve_split(args.dataset, args.data_root, args.split, with_masks=True, mask_dir=args.mask_dir)
     pred_dir = (args.cam_dir if args.cam_dir is not None else args.png_dir).expanduser()
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder {pred_dir} does not exist")

@@ -21,7 +21,7 @@ Writes ``<out>.csv``, ``<out>.md`` (markdown table with ratios to the baseline a
 and ``<out>.png`` (memory and time against size, a marker where each curve ends). Each row names the
 device, torch and triton versions.
 
-Example (the measurement in benchmarks/RESULTS_step.md)::
+Example (the measurement in benchmarks/RESULTS.md)::
 
     .venv/bin/python scripts/profile_memory.py --sizes 224 320 448 512 640 --batch 4 --steps 2 \
         --out docs/figures/memory_step
@@ -520,6 +520,12 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replot(csv_path: str, png_path: str) -> None:
+    """Redraw the PNG from a CSV this script wrote (``--replot CSV``)."""
+    with open(csv_path) as f:
+        plot(list(csv.DictReader(f)), png_path)
+
+
 def plot(rows: List[Dict[str, object]], path: str) -> None:
     """Memory and time against size, one line per mode; a cross (and its status) where a curve ends."""
     import matplotlib
@@ -549,9 +555,9 @@ def plot(rows: List[Dict[str, object]], path: str) -> None:
                 s, r = fail[0]
                 y = ok[-1][1] if ok else 1.0
                 ax.plot([s], [y], "x", color=c, markersize=12, mew=3)
-                label = r["status"] + (f" (cap {float(r['mem_limit_gb']):.0f} GiB)" if r["status"] == STATUS_OOM and
-                                       r.get("mem_limit_gb") not in ("", None) else "")
-                ax.annotate(label, (s, y), textcoords="offset points", xytext=(-40, 8), color=c, fontsize=8)
+                tag = r["status"] + (f" (cap {float(r['mem_limit_gb']):.0f} GiB)" if r["status"] == STATUS_OOM and
+                                     r.get("mem_limit_gb") not in ("", None) else "")
+                ax.annotate(tag, (s, y), textcoords="offset points", xytext=(-70, -16), color=c, fontsize=8)
         ax.set_xlabel("input size (px, square)")
         ax.set_ylabel(label)
         ax.set_yscale("log")
@@ -589,6 +595,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="on CUDA, also time the step components (synchronises around each; always on for CPU)")
     p.add_argument("--no-alloc-profile", dest="alloc_profile", action="store_false",
                    help="CPU: skip the extra torch.profiler step that measures the live-tensor step peak")
+    p.add_argument("--replot", default="", metavar="CSV",
+                   help="only redraw <out>.png from a CSV written by an earlier run")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="ours", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=224, help=argparse.SUPPRESS)
@@ -614,6 +622,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_child(args)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
+    if args.replot:
+        replot(args.replot, args.out + ".png")
+        print(f"wrote {args.out}.png")
+        return 0
     rows = profile(args)
     write_csv(rows, args.out + ".csv")
     table = markdown_table(rows)

@@ -115,6 +115,8 @@ def test_cam_bad_inputs(tmp_path):
         pseudo_label_cams(model, images, torch.ones(1, 3), refine_layers=(0, 1), refine_weights=[1.0])
     with pytest.raises(ValueError, match="multiples of patch_size"):
         pseudo_label_cams(model, torch.randn(1, 3, 60, 64), torch.ones(1, 3), refine_layers=(0,))
+    with pytest.raises(ValueError, match="scale 0.7 turns the 64x64 images into 44x44"):
+        pseudo_label_cams(model, images, torch.ones(1, 3), refine_layers=(0,), scales=(1.0, 0.7))
     out = model(images, AttentionRequest(refine_layers=(0,)))
     with pytest.raises(ValueError, match="refine layers"):
         cams_from_output(out, torch.ones(1, 3), (64, 64), refine_layers=(1,))

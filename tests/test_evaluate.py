@@ -133,3 +133,30 @@ def test_unlabelled_image_may_lack_a_cam_file(tmp_path):
     (cams / "a.npy").unlink()
     with pytest.raises(FileNotFoundError, match="a.npy"):
         ev.main(["--cam-dir", str(cams), "--dataset", "voc", "--data-root", str(root), "--no-progress"])
+
+
+def test_voc_default_ground_truth_is_segmentation_class(tmp_path):
+    # Official protocol (spec §5.3): VOC CAMs are scored against SegmentationClass even when
+    # SegmentationClassAug (preferred for training) exists; Aug is the fallback when Class lacks masks.
+    ev = _load_script()
+    from PIL import Image
+
+    root = tmp_path / "voc"
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    (root / "ImageSets/Segmentation/train.txt").write_text("a\n")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "JPEGImages" / "a.jpg")
+    m = np.zeros((8, 8), np.uint8)
+    m[2:6, 2:6] = 3
+    write_mask(root / "SegmentationClass" / "a.png", m)
+    write_mask(root / "SegmentationClassAug" / "a.png", np.zeros((8, 8), np.uint8))  # differs on purpose
+    cams = tmp_path / "cams"
+    cams.mkdir()
+    c = np.zeros((1, 8, 8), np.float32)
+    c[0, 2:6, 2:6] = 1.0
+    np.save(cams / "a.npy", {"key": np.array([2]), "cam": c}, allow_pickle=True)
+    args = ["--cam-dir", str(cams), "--dataset", "voc", "--data-root", str(root), "--no-progress"]
+    res = ev.main(args)
+    assert res["gt_dir"].endswith("SegmentationClass") and res["per_class_iou"]["bird"] == pytest.approx(1.0)
+    (root / "SegmentationClass" / "a.png").unlink()  # Class lacks a mask: fall back to Aug
+    assert ev.main(args)["gt_dir"].endswith("SegmentationClassAug")

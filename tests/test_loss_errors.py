@@ -117,3 +117,12 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors.*TRITON_INTERPRET=1"):
         call(qs, ks, labels, backend="triton")
+
+
+def test_numpy_scalar_scale_is_accepted_and_bool_refused():
+    import numpy as np
+
+    qs, ks, labels = inputs()
+    torch.testing.assert_close(call(qs, ks, labels, scale=np.float32(0.5)), call(qs, ks, labels, scale=0.5))
+    with pytest.raises(ValueError, match="scale must be a positive finite"):
+        call(qs, ks, labels, scale=True)

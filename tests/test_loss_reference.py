@@ -43,3 +43,33 @@ def test_reference_ignores_and_all_ignored():
     assert loss.item() == 0.0
     (grad,) = torch.autograd.grad(loss, z)
     assert torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("ignore_index", [0, 1, -1, 7])
+def test_reference_ignore_index_is_only_a_label_value(ignore_index):
+    # The loss depends on the label partition only: relabelling the ignored patches to any ignore_index
+    # (0 and 1 included, which collide with the 0 / 1 pair codes of the official T) gives the same value.
+    torch.manual_seed(3)
+    logits = [torch.randn(2, 3, 9, 9) for _ in range(2)]
+    labels = torch.tensor([[2, 3, 255, 2, 4, 4, 3], [5, 255, 2, 2, 6, 255, 5]])
+    expected = aream_loss_reference(logits, labels, num_prefix_tokens=2)
+    relabelled = labels.clone()
+    relabelled[labels == 255] = ignore_index
+    got = aream_loss_reference(logits, relabelled, num_prefix_tokens=2, ignore_index=ignore_index)
+    torch.testing.assert_close(got, expected)
+
+
+def test_affinity_rejects_ambiguous_ignore_index():
+    with pytest.raises(ValueError, match="ignore_index"):
+        patch_labels_to_affinity(torch.zeros(1, 3, dtype=torch.int64), ignore_index=1)
+
+
+def test_reference_rejects_float_patch_labels():
+    with pytest.raises(ValueError, match="patch_labels"):
+        aream_loss_reference([torch.randn(1, 1, 4, 4)], torch.zeros(1, 4))
+
+
+def test_reference_rejects_batch_mismatch():
+    # (1, ...) logits against (2, P) labels used to broadcast silently
+    with pytest.raises(ValueError, match="batch size"):
+        aream_loss_reference([torch.randn(1, 2, 5, 5)], torch.zeros(2, 4, dtype=torch.int64), num_prefix_tokens=1)

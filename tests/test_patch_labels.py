@@ -56,3 +56,11 @@ def test_pair_counts_all_ignored_and_one_class():
     assert [int(c) for c in pair_counts(torch.full((2, 5), 255))] == [1, 1]
     # one class, 2 images x 5 patches: 2 * 25 positive ordered pairs (diagonal included), no negative.
     assert [int(c) for c in pair_counts(torch.full((2, 5), 3))] == [51, 1]
+
+
+def test_pair_counts_rejects_labels_that_would_collide_or_crash():
+    # label 5 with num_labels=2 would share image 1's bincount bin: a clear error instead of wrong counts
+    with pytest.raises(ValueError, match="num_labels"):
+        pair_counts(torch.tensor([[0, 5, 5, 1], [1, 1, 0, 0]]), num_labels=2)
+    with pytest.raises(ValueError, match="ignore_index"):
+        pair_counts(torch.tensor([[0, -2, 1, 1]]))

@@ -86,6 +86,8 @@ def test_ratios_table_and_plot_from_rows(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
     prof.write_csv(rows, str(tmp_path / "p.csv"))
     assert (tmp_path / "p.csv").read_text().splitlines()[0].startswith("mode,size,batch,status")
+    assert prof.main(["--replot", str(tmp_path / "p.csv"), "--out", str(tmp_path / "r")]) == 0  # CSV round trip
+    assert (tmp_path / "r.png").stat().st_size > 1000
 
 
 def test_bad_arguments_exit():

@@ -101,6 +101,11 @@ def test_bad_shapes():
         cams_to_patch_labels(torch.zeros(1, 3, 40, 32), torch.zeros(1, 4, 40, 32), torch.zeros(1, 4), par=par)
     with pytest.raises(ValueError, match="cams"):
         cams_to_patch_labels(torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, 16, 32), torch.zeros(1, 4), par=par)
+    with pytest.raises(ValueError, match="labels must be a torch.Tensor"):
+        cams_to_patch_labels(torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, 32, 32), [[1, 0, 0, 0]], par=par)
+    with pytest.raises(ValueError, match="patch_size"):
+        cams_to_patch_labels(torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, 32, 32), torch.zeros(1, 4), par=par,
+                             patch_size=0)
 
 
 @pytest.mark.gpu

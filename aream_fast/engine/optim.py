@@ -1,8 +1,9 @@
 """AdamW with the official parameter groups (spec §7): weight decay on weight matrices only.
 
-No decay on 1-D parameters (norm weights, biases), on any ``*.bias``, and on ``pos_embed`` (timm's
-``no_weight_decay``). Note (spec §10.5): the official MCTformer ``no_weight_decay`` omits ``cls_token``,
-so class tokens *are* decayed there; they are 3-D here, so the same rule decays them too.
+No decay on 1-D parameters (norm weights, biases), on any ``*.bias``, and on the names the model lists in
+``no_weight_decay()`` (timm convention; ``pos_embed`` when the model has no such method). Note (spec §10.5): the
+official MCTformer ``no_weight_decay`` omits ``cls_token``, so class tokens *are* decayed on the MCT models;
+the single-token ViT/DeiT models exempt ``cls_token`` as timm does.
 """
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ NO_DECAY_NAMES = ("pos_embed",)
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     """Two AdamW groups: decayed (>= 2-D weights) and not decayed (1-D, biases, pos_embed)."""
     decay, no_decay = [], []
+    module = getattr(model, "module", model)  # DDP / compiled wrappers
+    module = getattr(module, "_orig_mod", module)
+    exempt = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set(NO_DECAY_NAMES)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if param.ndim <= 1 or leaf == "bias" or leaf in NO_DECAY_NAMES:
+        bare = name.replace("module.", "").replace("_orig_mod.", "")
+        if param.ndim <= 1 or leaf == "bias" or bare in exempt or leaf in exempt:
             no_decay.append(param)
         else:
             decay.append(param)

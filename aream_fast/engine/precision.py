@@ -70,11 +70,13 @@ def measure_cpu_bf16(width: int = 192, tokens: int = 512, repeats: int = 5) -> t
     return fp32, bf16
 
 
-def measure_model_step(model: nn.Module, image_size: int, batch: int = 4, repeats: int = 3,
+def measure_model_step(model: nn.Module, image_size: int, batch: int = 4, repeats: int = 5,
                        request=None) -> tuple:
-    """(fp32_s, bf16_s): best-of-``repeats`` interleaved forward+backward of ``model`` itself on a
-    (batch, 3, S, S) CPU input, in fp32 and in bf16 autocast. Gradients are cleared afterwards and the RNG
-    is untouched (DropPath draws happen inside ``fork_rng``); the parameters do not change."""
+    """(fp32_s, bf16_s): forward+backward of ``model`` itself on a (batch, 3, S, S) CPU input, in fp32 and in
+    bf16 autocast, ``repeats`` interleaved pairs. Returned: the median fp32 time and the median fp32 time times
+    the median per-pair bf16/fp32 ratio (pairs run back to back see the same machine load, so the ratio is
+    robust on a shared machine). Gradients are cleared afterwards and the RNG is untouched (DropPath draws
+    happen inside ``fork_rng``); the parameters do not change."""
     def once(dtype: Optional[torch.dtype]) -> float:
         ctx = contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
         t0 = time.perf_counter()
@@ -86,13 +88,16 @@ def measure_model_step(model: nn.Module, image_size: int, batch: int = 4, repeat
     with torch.random.fork_rng(devices=[]):
         x = torch.randn(batch, 3, image_size, image_size)
         once(None), once(torch.bfloat16)  # warm-up
-        fp32 = bf16 = float("inf")
+        fp32, ratios = [], []
         for _ in range(repeats):
-            fp32 = min(fp32, once(None))
-            bf16 = min(bf16, once(torch.bfloat16))
+            a = once(None)
+            b = once(torch.bfloat16)
+            fp32.append(a)
+            ratios.append(b / a)
     for p in model.parameters():
         p.grad = None
-    return fp32, bf16
+    fp32_med = float(sorted(fp32)[len(fp32) // 2])
+    return fp32_med, fp32_med * float(sorted(ratios)[len(ratios) // 2])
 
 
 def choose_precision(device: torch.device, amp: bool, *, width: int = 192,

@@ -127,6 +127,7 @@ class Trainer:
         self.run_dir = broadcast_object(run_dir, self.dist)
         self.log = RunLogger(self.run_dir, enabled=self.dist.is_main)
         self.log.info(f"run dir {self.run_dir} | world size {self.dist.world_size} | device {self.device}")
+        self._choose_cpu_threads()
         bad = getattr(self.train_set, "bad_images", []) + getattr(self.val_set, "bad_images", [])
         if bad:
             self.log.info(f"WARNING: skipped {len(bad)} unreadable image(s) (--skip-bad-images): {bad[:10]}")
@@ -155,7 +156,7 @@ class Trainer:
 
         self.precision: Precision = choose_precision(
             self.device, cfg.amp, width=self.model.embed_dim, cpu_mode=cfg.cpu_amp,
-            probe=lambda: measure_model_step(self.model, cfg.image_size, batch=min(4, cfg.batch_size)))
+            probe=lambda: measure_model_step(self.model, cfg.image_size, batch=min(8, cfg.batch_size)))
         self.precision = broadcast_object(self.precision, self.dist)  # rank 0's measurement decides for all
         if resume_path is not None:  # keep the interrupted run's precision, so the resumed losses match
             resume_ckpt = ckpt_io.load_checkpoint(resume_path, map_location=self.device)
@@ -200,6 +201,25 @@ class Trainer:
                           f"(AReAM from epoch {cfg.cls_epochs if cfg.aream else 'never'}); config in manifest.json")
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def _choose_cpu_threads(self) -> None:
+        """On a CPU that other processes already keep busy (1-min load average >= cores), torch's default of
+        one OpenMP thread per core oversubscribes it: on the shared 2-core dev machine the 2-thread run had
+        steps up to 20x slower than quiet while 1-thread runs slowed far less (demo: 14 min vs 7-8 min wall).
+        So without an explicit OMP_NUM_THREADS, a busy machine gets 1 thread (logged)."""
+        if self.device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
+            self.log.info(f"torch CPU threads: {torch.get_num_threads()}")
+            return
+        cores = os.cpu_count() or 1
+        load = os.getloadavg()[0]
+        self._threads_before = torch.get_num_threads()  # restored by close() (in-process callers, tests)
+        if self.dist.world_size > 1 or (cores > 1 and load >= cores):
+            torch.set_num_threads(1)
+            why = (f"{self.dist.world_size} processes" if self.dist.world_size > 1
+                   else f"load average {load:.1f} >= {cores} cores")
+            self.log.info(f"torch CPU threads: 1 ({why}; set OMP_NUM_THREADS to override)")
+        else:
+            self.log.info(f"torch CPU threads: {torch.get_num_threads()} (load average {load:.1f}, {cores} cores)")
+
     def _layout(self) -> AReAMLayout:
         cfg = self.cfg
         depth = int(self.model.depth)
@@ -458,6 +478,9 @@ class Trainer:
         return results
 
     def close(self) -> None:
+        if getattr(self, "_threads_before", None):
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         if self.log is not None:
             self.log.close()
             self.log = None
