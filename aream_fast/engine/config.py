@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=d.grad_clip)
     g = p.add_argument_group("AReAM")
     g.add_argument("--no-aream", dest="aream", action="store_false",
-                   help="baseline: classification loss only (same seed, data order and budget)")
+                   help="baseline: classification loss only (same seed, data order and budget); AReAM is on unless this flag is given%(default).0s")
     g.add_argument("--cls-epochs", type=int, default=d.cls_epochs, help="classification-only warm-up epochs")
     g.add_argument("--layer-index", type=_optional_int, default=d.layer_index,
                    help="first supervised layer; default round(depth*7/12) (official 7 of 12)")
