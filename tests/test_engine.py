@@ -230,3 +230,20 @@ def test_run_logger_csv_jsonl_and_manifest(tmp_path):
                           precision="fp32", precision_reason="test")
     man = json.loads(open(path).read())
     assert man["seed"] == 0 and man["versions"]["torch"] == torch.__version__ and man["precision"] == "fp32"
+
+
+def test_param_groups_follow_the_models_no_weight_decay():
+    # MCT models exempt only pos_embed (official, spec §10.5); single-token ViTs also exempt cls_token (timm).
+    from aream_fast import build_model
+
+    for name, exempt in (("mct_deit_small", {"pos_embed"}), ("vit_small", {"pos_embed", "cls_token"})):
+        m = build_model(name, 3, img_size=32, embed_dim=16, depth=1, num_heads=2)
+        decay, no_decay = param_groups(m, 0.05)
+        names = {id(p): n for n, p in m.named_parameters()}
+        multi_dim_exempt = {names[id(p)] for p in no_decay["params"] if p.ndim > 1}
+        assert multi_dim_exempt == exempt, name
+        assert "cls_token" in {names[id(p)] for p in decay["params"]} or "cls_token" in exempt
+        wrapped = nn.Sequential()
+        wrapped.module = m  # DDP-style wrapper: names gain a "module." prefix
+        _, no_decay_w = param_groups(wrapped, 0.05)
+        assert {p.ndim > 1 and names[id(p)] for p in no_decay_w["params"]} - {False} == exempt

@@ -34,6 +34,13 @@ train_script = _load_script(TRAIN, "train_script")
 make_cams_script = _load_script(MAKE_CAMS, "make_cams_script")
 
 
+@pytest.fixture(autouse=True)
+def _fixed_thread_count(monkeypatch):
+    """The trainer drops to 1 CPU thread when the machine is busy unless OMP_NUM_THREADS is set; pin it so the
+    uninterrupted and resumed runs of a test always use the same thread count (same float reduction order)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     from aream_fast.data import ensure_synthetic
