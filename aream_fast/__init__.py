@@ -20,6 +20,8 @@ _EXPORTS = {
     # loss (issue: fused AReAM loss)
     "aream_loss": "aream_fast.loss",
     "AReAMLoss": "aream_fast.loss",
+    "deferred_aream_loss": "aream_fast.loss_deferred",
+    "DeferredGrads": "aream_fast.loss_deferred",
     "aream_loss_reference": "aream_fast.reference",
     "seg_to_patch_labels": "aream_fast.patch_labels",
     "pair_counts": "aream_fast.patch_labels",
@@ -35,6 +37,8 @@ _EXPORTS = {
     "pseudo_label_cams": "aream_fast.cam",
     "inference_cam": "aream_fast.cam",
     "cams_from_output": "aream_fast.cam",
+    "PresentCAMs": "aream_fast.cam",
+    "present_classes": "aream_fast.cam",
     "save_cam_npy": "aream_fast.cam",
     "load_cam_npy": "aream_fast.cam",
     "attention_apply": "aream_fast.attention",

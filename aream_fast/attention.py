@@ -20,7 +20,7 @@ on CPU) never imports triton (DESIGN.md "Backends": CPU tensors never reach a ``
 from __future__ import annotations
 
 import importlib
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -170,9 +170,10 @@ def attention_apply(qs: Union[Tensor, Sequence[Tensor]], ks: Union[Tensor, Seque
 class Attention(nn.Module):
     """timm-compatible attention (parameter names ``qkv``, ``proj``) running a fused kernel.
 
-    forward(x (B, N, D), num_prefix_tokens, class_attention: bool) -> (out (B, N, D), q, k (B, H, N, d),
-    class_attn (B, C, P) or None). q and k are the pre-scale projections as SDPA takes them; keeping them
-    costs O(N d) (they are views of the qkv projection, which autograd saves anyway).
+    forward(x (B, N, D), num_prefix_tokens, class_attention: bool, qk_hook=None) -> (out (B, N, D), q, k
+    (B, H, N, d), class_attn (B, C, P) or None). q and k are the pre-scale projections as SDPA takes them;
+    keeping them costs O(N d) (they are views of the qkv projection, which autograd saves anyway).
+    ``qk_hook(q, k) -> (q, k)`` replaces q, k before the attention uses them (``DeferredGrads.attach``).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto") -> None:
@@ -193,10 +194,12 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         return q, k, v
 
-    def forward(self, x: Tensor, num_prefix_tokens: int = 0,
-                class_attention: bool = False) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    def forward(self, x: Tensor, num_prefix_tokens: int = 0, class_attention: bool = False,
+                qk_hook: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         b, n, dim = x.shape
         q, k, v = self.qkv_heads(x)
+        if qk_hook is not None:
+            q, k = qk_hook(q, k)
         backend = "sdpa" if self.backend == "auto" else self.backend
         cls_attn = None
         if q.is_cuda and backend == "triton" and class_attention:

@@ -4,6 +4,12 @@
 * ``cams_from_output``: the same from the records of a forward that already ran (no extra forward, no flip).
 * ``inference_cam``: the official ``--gen_attention_maps`` seeds (spec §5.1, main_voc_mctformer.py).
 * ``save_cam_npy`` / ``load_cam_npy``: the official ``{"key": int64 (k,), "cam": float32 (k, H, W)}`` files.
+* ``present_classes`` / ``PresentCAMs``: with ``present_only=True`` the two pseudo-label functions keep only each
+  image's present classes, packed into M = max_b(#present) channels, from the patch-resolution CAM on: every
+  step (class-attention product, refinement, upsampling, min-max) is per channel, so the kept channels are the
+  same numbers, and the full-resolution (B, K, H, W) map of all K classes (64 MiB at 448 px, K = 20, B = 4) is
+  never made. The official pipeline only ever reads present classes from it (spec §3.2: ``cam_to_seg`` keeps
+  the image's keys).
 
 The official code stacks every layer's (B, H, N, N) logits, softmaxes and averages them. Here the
 class->patch rows come from the model's C x N class-row softmax (``AttentionRecords.class_attention``) and
@@ -14,7 +20,7 @@ Shapes: B batch, K classes (= C class tokens for MCTformer), (H, W) image size, 
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -61,6 +67,39 @@ def _check_labels(labels: Tensor, batch: int, num_classes: int) -> Tensor:
     return labels
 
 
+class PresentCAMs(NamedTuple):
+    """CAMs of each image's present classes only, packed first (``present_classes`` order).
+
+    cams: (B, M, H, W) float32 in [0, 1]; padding channels are 0.
+    classes: (B, M) int64 class index (0..K-1) of each channel; padding channels repeat 0.
+    valid: (B, M) bool, False on padding channels (image b has fewer than M present classes).
+    M = max over the batch of the number of present classes (0 when no image has one).
+    """
+
+    cams: Tensor
+    classes: Tensor
+    valid: Tensor
+
+
+def present_classes(labels: Tensor) -> Tuple[Tensor, Tensor]:
+    """Each image's present classes (nonzero labels), ascending, packed first: the official key order.
+
+    labels (B, K). Returns classes (B, M) int64 (padding: 0) and valid (B, M) bool, M = max_b #present.
+    """
+    present = labels != 0
+    b = labels.shape[0]
+    m = int(present.sum(1).max()) if b else 0
+    order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :m]  # present first, ascending
+    valid = torch.arange(m, device=labels.device).view(1, -1) < present.sum(1, keepdim=True)
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def _gather_channels(x: Tensor, classes: Tensor) -> Tensor:
+    """x (B, K, ...) -> (B, M, ...) channels ``classes`` (B, M) of each image."""
+    index = classes.view(classes.shape + (1,) * (x.dim() - 2)).expand(classes.shape + x.shape[2:])
+    return x.gather(1, index)
+
+
 def minmax_normalise(cam: Tensor) -> Tensor:
     """ReLU, then per (b, k) x <- x - min(x), x <- x / (max(x) + 1e-6). cam (B, K, H, W); returns a new tensor."""
     return minmax_normalise_(cam.clone())
@@ -70,6 +109,8 @@ def minmax_normalise_(cam: Tensor, labels: Optional[Tensor] = None) -> Tensor:
     """In-place ``minmax_normalise`` of a contiguous (B, K, H, W) cam, then (optionally) ``cam *= labels``
     ((B, K) multi-hot). Used on freshly upsampled full-resolution maps, where every out-of-place step would
     allocate another B*K*H*W buffer (64 MiB at 448 px, K = 20)."""
+    if cam.numel() == 0:
+        return cam
     flat = cam.relu_().view(cam.shape[0], cam.shape[1], -1)
     flat.sub_(flat.amin(dim=-1, keepdim=True))
     flat.div_(flat.amax(dim=-1, keepdim=True).add_(MINMAX_EPS))
@@ -78,9 +119,11 @@ def minmax_normalise_(cam: Tensor, labels: Optional[Tensor] = None) -> Tensor:
     return cam
 
 
-def refine_cam(out: ViTOutput, refine_layers: Tuple[int, ...], refine_weights: Optional[list]) -> Tensor:
+def refine_cam(out: ViTOutput, refine_layers: Tuple[int, ...], refine_weights: Optional[list],
+               classes: Optional[Tensor] = None) -> Tensor:
     """cam (B, K, h, w) ⊙ class attention (C > 1) refined by R = (1/L) sum_l w_l Ā_l[C:, C:] (spec §3.1
-    steps 3-5, before upsampling). Returns (B, K, h, w) float32."""
+    steps 3-5, before upsampling). Returns (B, K, h, w) float32, or (B, M, h, w) for the channels
+    ``classes`` (B, M) only (``present_classes``; class c pairs with class token c)."""
     rec = out.records
     if rec is None:
         raise ValueError("the forward output has no records: run the model with an AttentionRequest")
@@ -89,13 +132,21 @@ def refine_cam(out: ViTOutput, refine_layers: Tuple[int, ...], refine_weights: O
         raise ValueError(f"records lack q/k of refine layers {missing}; request them as refine_layers "
                          f"(or supervised_layers)")
     cam = out.cam.float()
-    b, kk, h, w = cam.shape
+    b, _, h, w = cam.shape
     c = rec.num_prefix_tokens
+    if c > 1 and rec.class_attention is None:
+        raise ValueError("an MCT model (C > 1 class tokens) needs records.class_attention; request "
+                         "class_attention_layers")
+    if classes is not None:
+        cam = _gather_channels(cam, classes)
+    kk = cam.shape[1]
+    if kk == 0:
+        return cam.new_zeros(b, 0, h, w)
     if c > 1:
-        if rec.class_attention is None:
-            raise ValueError("an MCT model (C > 1 class tokens) needs records.class_attention; request "
-                             "class_attention_layers")
-        cam = cam * rec.class_attention.detach().float().view(b, c, h, w)
+        cls_attn = rec.class_attention.detach().float()
+        if classes is not None:
+            cls_attn = _gather_channels(cls_attn, classes)
+        cam = cam * cls_attn.view(b, kk, h, w)
     refined = attention_apply([rec.qs[layer] for layer in refine_layers],
                               [rec.ks[layer] for layer in refine_layers],
                               cam.flatten(2), num_prefix_tokens=c, scale=rec.scale,
@@ -106,7 +157,8 @@ def refine_cam(out: ViTOutput, refine_layers: Tuple[int, ...], refine_weights: O
 @torch.no_grad()
 def pseudo_label_cams(model: nn.Module, images: Tensor, labels: Tensor, *, refine_layers: Sequence[int],
                       refine_weights: LayerWeights = None, class_attention_layers: Optional[Sequence[int]] = None,
-                      scales: Sequence[float] = (1.0,), flip: bool = True) -> Tensor:
+                      scales: Sequence[float] = (1.0,), flip: bool = True,
+                      present_only: bool = False) -> Union[Tensor, PresentCAMs]:
     """Official ``gen_msf_cam`` (spec §3.1) for the AReAM pseudo labels, without N x N attention.
 
     The model stays in its current mode (officially train mode: DropPath active). For each scale s: bilinear
@@ -117,7 +169,8 @@ def pseudo_label_cams(model: nn.Module, images: Tensor, labels: Tensor, *, refin
     refine_layers or a layer -> weight mapping); bilinear upsample to (H, W); un-flip; sum over scales and
     flips; ReLU; per-(b, k) min-max (eps 1e-6); multiply by ``labels``.
 
-    images (B, 3, H, W) normalised; labels (B, K) multi-hot. Returns (B, K, H, W) float32 in [0, 1].
+    images (B, 3, H, W) normalised; labels (B, K) multi-hot. Returns (B, K, H, W) float32 in [0, 1], or with
+    ``present_only`` a :class:`PresentCAMs` holding the same maps of each image's present classes only.
     """
     depth = model.depth
     refine = _layer_tuple(refine_layers, depth, "refine_layers")
@@ -131,6 +184,8 @@ def pseudo_label_cams(model: nn.Module, images: Tensor, labels: Tensor, *, refin
     if not scales:
         raise ValueError("scales must hold at least one scale, got an empty sequence")
     request = AttentionRequest(refine_layers=refine, class_attention_layers=cls_layers)
+    classes, valid = present_classes(labels) if present_only else (None, None)
+    view_classes = None if classes is None else (torch.cat([classes, classes]) if flip else classes)
     total = None
     for s in scales:
         size = (int(s * hh), int(s * ww))
@@ -142,25 +197,43 @@ def pseudo_label_cams(model: nn.Module, images: Tensor, labels: Tensor, *, refin
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
         out = model(x, request)
-        cam = refine_cam(out, refine, weights)
+        cam = refine_cam(out, refine, weights, view_classes)
         del out
         # Bilinear upsampling (align_corners=False) is linear and commutes with a horizontal flip, so the
         # views are un-flipped and summed at patch resolution and upsampled once: the same sum as the
         # official upsample-then-sum (up to fp32 rounding) without 2B x K x H x W temporaries.
         view_sum = cam[:b] + cam[b:].flip(-1) if flip else cam
-        view_sum = F.interpolate(view_sum, size=(hh, ww), mode="bilinear", align_corners=False)
+        view_sum = _upsample(view_sum, (hh, ww))
         total = view_sum if total is None else total.add_(view_sum)
-    return minmax_normalise_(total.contiguous(), labels)
+    return _normalised(total, labels, classes, valid)
+
+
+def _upsample(cam: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Bilinear (align_corners False) resize of (B, M, h, w) to ``size``; M may be 0 (no present class)."""
+    if cam.shape[1] == 0:
+        return cam.new_zeros(cam.shape[0], 0, *size)
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+
+
+def _normalised(cam: Tensor, labels: Tensor, classes: Optional[Tensor],
+                valid: Optional[Tensor]) -> Union[Tensor, PresentCAMs]:
+    """In-place min-max of the summed full-resolution views, times the labels (of the kept channels)."""
+    if classes is None:
+        return minmax_normalise_(cam.contiguous(), labels)
+    kept_labels = labels.gather(1, classes) * valid.to(labels.dtype)
+    return PresentCAMs(minmax_normalise_(cam.contiguous(), kept_labels), classes, valid)
 
 
 @torch.no_grad()
 def cams_from_output(out: ViTOutput, labels: Tensor, image_size: Tuple[int, int], *,
-                     refine_layers: Sequence[int], refine_weights: LayerWeights = None) -> Tensor:
+                     refine_layers: Sequence[int], refine_weights: LayerWeights = None,
+                     present_only: bool = False) -> Union[Tensor, PresentCAMs]:
     """``pseudo_label_cams`` from an existing forward's cam and records (no extra forward, no flip, scale 1):
     for ``--pseudo-from-forward``. The class attention is whatever ``class_attention_layers`` that forward
     requested (officially all layers); ``refine_layers`` must be in its records (refine or supervised).
 
-    out: ViTOutput with records; labels (B, K); image_size (H, W). Returns (B, K, H, W) float32 in [0, 1].
+    out: ViTOutput with records; labels (B, K); image_size (H, W). Returns (B, K, H, W) float32 in [0, 1], or
+    with ``present_only`` a :class:`PresentCAMs` of each image's present classes only.
     """
     if out.records is None:
         raise ValueError("out.records is None: run the forward with an AttentionRequest")
@@ -171,9 +244,9 @@ def cams_from_output(out: ViTOutput, labels: Tensor, image_size: Tuple[int, int]
     b, kk = out.cam.shape[:2]
     labels = _check_labels(labels, b, kk)
     hh, ww = int(image_size[0]), int(image_size[1])
-    cam = refine_cam(out, refine, weights)
-    cam = F.interpolate(cam, size=(hh, ww), mode="bilinear", align_corners=False)
-    return minmax_normalise_(cam.contiguous(), labels)
+    classes, valid = present_classes(labels) if present_only else (None, None)
+    cam = refine_cam(out, refine, weights, classes)
+    return _normalised(_upsample(cam, (hh, ww)), labels, classes, valid)
 
 
 @torch.no_grad()

@@ -88,6 +88,17 @@ def _merged_patches(x: Tensor, start: int, stop: int, acc: torch.dtype) -> Tenso
     return merged.to(acc)
 
 
+def _token_rows(x: Tensor) -> Optional[Tensor]:
+    """(B, H, N, d) -> (B*N, H*d) merged-head token rows as a view, when the heads of a token are adjacent in
+    memory and tokens are evenly spaced (q, k of a fused qkv projection, as timm and our models make them);
+    None otherwise."""
+    b, h, n, d = x.shape
+    s0, s1, s2, s3 = x.stride()
+    if (s3 == 1 or d == 1) and (s1 == d or h == 1) and (s0 == n * s2 or b == 1):
+        return x.transpose(1, 2).reshape(b * n, h * d)  # a view under these strides
+    return None
+
+
 def _validate_op_inputs(qs: Sequence[Tensor], ks: Sequence[Tensor], layer_weights: Tensor) -> None:
     # The public entry point (aream_fast.loss) validates everything; this only protects direct op calls.
     if len(qs) == 0 or len(qs) != len(ks) or layer_weights.numel() != len(qs):
@@ -135,6 +146,8 @@ def _aream_loss_tiled_fwd(
         m = max(m, 1)  # all patches ignored: keep one (ignored) position so that shapes stay non-empty
         order = torch.argsort((~valid_mask).to(torch.int8), dim=1, stable=True)[:, :m]  # (B, M)
         labels = labels.gather(1, order)
+        # row of each compacted position in the (B*N, H*d) token rows of q, k and their gradients
+        flat_rows = order + (torch.arange(batch, device=device) * tokens + c).unsqueeze(1)  # (B, M)
         batch_index = torch.arange(batch, device=device).unsqueeze(1)
     else:
         m = num_patches
@@ -143,7 +156,11 @@ def _aream_loss_tiled_fwd(
         """Merged heads (B, r1 - r0, H*d) of (compacted) patch positions [r0, r1) of x (B, H, N, d)."""
         if not compact:
             return _merged_patches(x, c + r0, c + r1, acc)
-        picked = x.transpose(1, 2)[:, c:][batch_index, order[:, r0:r1]]  # (B, r1 - r0, H, d), a copy
+        token_rows = _token_rows(x)
+        if token_rows is not None:  # one contiguous row per patch: a plain row gather
+            picked = token_rows.index_select(0, flat_rows[:, r0:r1].reshape(-1))  # (B*(r1 - r0), H*d)
+        else:
+            picked = x.transpose(1, 2)[:, c:][batch_index, order[:, r0:r1]]  # (B, r1 - r0, H, d), a copy
         return picked.reshape(batch, r1 - r0, width).to(acc)
 
     def write_rows(grad: Tensor, r0: int, r1: int, rows_grad: Tensor) -> None:

@@ -48,8 +48,9 @@ class PAR(nn.Module):
     """
 
     def __init__(self, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iters: int = 10, w1: float = 0.3,
-                 w2: float = 0.01):
+                 w2: float = 0.01, chunk_bytes: int = 16 << 20):
         super().__init__()
+        self.chunk_bytes = int(chunk_bytes)
         dilations = tuple(int(d) for d in dilations)
         if not dilations or min(dilations) < 1:
             raise ValueError(f"dilations must be positive ints, got {dilations}")
@@ -76,20 +77,25 @@ class PAR(nn.Module):
         b, c, h, w = x.shape
         padded = F.pad(x, [self.pad] * 4, mode="replicate")
         n = len(self.offsets)
-        aff = x.new_zeros(b, n, h, w)
-        for ch in range(c):  # colour channels one at a time; neighbours are views of the padded image
-            pc = padded[:, ch]
-            xc = x[:, ch]
-            neigh = [self._neighbour(pc, k, h, w) for k in range(n)]
-            mean = sum(neigh) / n
-            var = sum((v - mean).square() for v in neigh) / (n - 1)  # unbiased, over the 48 neighbours
-            std = var.sqrt()
-            # -(|n - x| / (std + 1e-8) / w1)^2 == (n - x)^2 * (-1 / ((std + 1e-8) * w1)^2)
-            scale = -1.0 / ((std + 1e-8) * self.w1) ** 2
-            for k in range(n):
-                aff[:, k].add_((neigh[k] - xc).square_().mul_(scale))
+        neigh = [self._neighbour(padded, k, h, w) for k in range(n)]  # views (B, c, H, W)
+        # per-colour-channel mean and unbiased std of the 48 neighbour values, accumulated in place
+        mean = neigh[0].clone()
+        for v in neigh[1:]:
+            mean.add_(v)
+        mean.div_(n)
+        var = torch.zeros_like(mean)
+        diff = torch.empty_like(mean)
+        for v in neigh:
+            torch.sub(v, mean, out=diff)
+            var.addcmul_(diff, diff)
+        # -(|n - x| / (std + 1e-8) / w1)^2 == (n - x)^2 * (-1 / ((std + 1e-8) * w1)^2); mean over colours
+        scale = var.div_(n - 1).sqrt_().add_(1e-8).mul_(self.w1).square_().reciprocal_().mul_(-1.0 / c)
+        aff = x.new_empty(b, n, h, w)
+        for k in range(n):
+            torch.sub(neigh[k], x, out=diff)
+            diff.square_().mul_(scale)
+            torch.sum(diff, dim=1, out=aff[:, k])
         # softmax over the 48 neighbours, in place: one (B, 48, H, W) buffer instead of four
-        aff.div_(c)
         aff.sub_(aff.amax(dim=1, keepdim=True)).exp_()
         aff.div_(aff.sum(dim=1, keepdim=True))
         return aff.add_(self.w2 * self.pos_weights.to(aff.device).view(1, n, 1, 1))
@@ -98,12 +104,15 @@ class PAR(nn.Module):
         """``num_iters`` rounds of M(i) ← Σ_k W_k(i) M(i + δ_k); masks (B, M, H, W), weights (B, 48, H, W)."""
         m = masks.float()
         h, w = m.shape[-2:]
+        out = None
         for _ in range(self.num_iters):
             padded = F.pad(m, [self.pad] * 4, mode="replicate")
-            out = torch.zeros_like(m)
-            for k in range(len(self.offsets)):
+            if out is None or out is masks:
+                out = torch.empty_like(m)
+            torch.mul(weights[:, :1], self._neighbour(padded, 0, h, w), out=out)
+            for k in range(1, len(self.offsets)):
                 out.addcmul_(weights[:, k:k + 1], self._neighbour(padded, k, h, w))
-            m = out
+            m, out = out, m  # ping-pong: the previous iterate's buffer is overwritten next round
         return m
 
     def forward(self, images: Tensor, masks: Tensor) -> Tensor:
@@ -115,4 +124,13 @@ class PAR(nn.Module):
                              f"size and (H, W)")
         if not images.is_floating_point() or not masks.is_floating_point():
             raise ValueError(f"images and masks must be floating point, got {images.dtype} and {masks.dtype}")
-        return self.propagate(masks, self.affinity(images))
+        # Images are independent: refine a few at a time so that the (b, 48, H, W) neighbour weights of one
+        # chunk stay near ``chunk_bytes`` (one 448 px image at half resolution: 9.2 MiB) instead of the batch's.
+        per_image = len(self.offsets) * images.shape[-2] * images.shape[-1] * 4
+        step = max(1, self.chunk_bytes // per_image)
+        if step >= images.shape[0]:
+            return self.propagate(masks, self.affinity(images))
+        out = torch.empty(masks.shape, dtype=torch.float32, device=masks.device)
+        for i in range(0, images.shape[0], step):
+            out[i:i + step] = self.propagate(masks[i:i + step], self.affinity(images[i:i + step]))
+        return out

@@ -9,29 +9,39 @@ affinity. M = 1 + the largest number of present classes in the batch (VOC: typic
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cam import PresentCAMs, present_classes
 from .data.transforms import denormalize
 from .par import PAR
 from .patch_labels import seg_to_patch_labels
 
 
-def _check(images: Tensor, cams: Tensor, labels: Tensor) -> None:
-    for name, x in (("images", images), ("cams", cams), ("labels", labels)):
+CAMs = Union[Tensor, PresentCAMs]
+
+
+def _check(images: Tensor, cams: CAMs, labels: Tensor) -> None:
+    present = isinstance(cams, PresentCAMs)
+    maps = cams.cams if present else cams
+    for name, x in (("images", images), ("cams", maps), ("labels", labels)):
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(f"images must be a float (B, 3, H, W) tensor, got {tuple(images.shape)} {images.dtype}")
-    if cams.dim() != 4 or not cams.is_floating_point():
-        raise ValueError(f"cams must be a float (B, K, H, W) tensor, got {tuple(cams.shape)} {cams.dtype}")
-    if cams.shape[0] != images.shape[0] or cams.shape[-2:] != images.shape[-2:]:
-        raise ValueError(f"cams {tuple(cams.shape)} must match images {tuple(images.shape)} in B, H and W")
-    if labels.dim() != 2 or labels.shape != cams.shape[:2]:
-        raise ValueError(f"labels must be (B, K) = {tuple(cams.shape[:2])}, got {tuple(labels.shape)}")
+    if maps.dim() != 4 or not maps.is_floating_point():
+        raise ValueError(f"cams must be a float (B, K, H, W) tensor, got {tuple(maps.shape)} {maps.dtype}")
+    if maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"cams {tuple(maps.shape)} must match images {tuple(images.shape)} in B, H and W")
+    if labels.dim() != 2 or labels.shape[0] != maps.shape[0] or (not present and labels.shape != maps.shape[:2]):
+        want = f"(B, K) = {tuple(maps.shape[:2])}" if not present else f"(B, K) with B = {maps.shape[0]}"
+        raise ValueError(f"labels must be {want}, got {tuple(labels.shape)}")
+    if present and (cams.classes.shape != maps.shape[:2] or cams.valid.shape != maps.shape[:2]):
+        raise ValueError(f"PresentCAMs: classes and valid must be (B, M) = {tuple(maps.shape[:2])}, got "
+                         f"{tuple(cams.classes.shape)} and {tuple(cams.valid.shape)}")
 
 
 def _half_res(images: Tensor, cams: Tensor) -> Tuple[Tensor, Tensor]:
@@ -44,7 +54,7 @@ def _half_res(images: Tensor, cams: Tensor) -> Tuple[Tensor, Tensor]:
     return imgs, cam
 
 
-def refined_probs(images: Tensor, cams: Tensor, labels: Tensor, *, par: PAR,
+def refined_probs(images: Tensor, cams: CAMs, labels: Tensor, *, par: PAR,
                   bg_scores: Tuple[float, ...] = (0.35, 0.55), denormalized: bool = False) -> Tuple[Tensor, Tensor]:
     """PAR-refined half-resolution probabilities for every bg score, on a compact channel list.
 
@@ -52,21 +62,25 @@ def refined_probs(images: Tensor, cams: Tensor, labels: Tensor, *, par: PAR,
     selection), packed into M = 1 + max_b(#present classes of image b) channels; padding channels of images
     with fewer classes get −inf before the softmax, so they are exactly 0 and never win an argmax.
 
-    Args: images (B, 3, H, W) ImageNet-normalised unless ``denormalized``; cams (B, K, H, W); labels (B, K).
+    Args: images (B, 3, H, W) ImageNet-normalised unless ``denormalized``; cams (B, K, H, W), or a
+    :class:`aream_fast.cam.PresentCAMs` already holding only the present classes (``present_only=True``);
+    labels (B, K).
     Returns: refined (B, S, M, H/2, W/2) float32 with S = len(bg_scores), and ids (B, M) int64: the
     segmentation id of each channel (0 = background, k + 1 = class k; padding channels repeat 0). Channel
     order per image is bg, then present classes ascending, as the official key list.
     """
     _check(images, cams, labels)
     imgs = images if denormalized else denormalize(images.float())
-    b, k, H, W = cams.shape
     s = len(bg_scores)
-    present = labels != 0
-    n_fg = int(present.sum(1).max()) if b else 0
-    order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :n_fg]  # present first, ascending
-    valid = torch.arange(n_fg, device=cams.device).view(1, -1) < present.sum(1, keepdim=True)
-    # pack the present classes first (resizing is per channel, so packing before it changes nothing)
-    fg = cams.gather(1, order.view(b, n_fg, 1, 1).expand(b, n_fg, H, W))
+    if isinstance(cams, PresentCAMs):
+        fg, order, valid = cams
+        b, n_fg, H, W = fg.shape
+    else:
+        b, k, H, W = cams.shape
+        order, valid = present_classes(labels)
+        n_fg = order.shape[1]
+        # pack the present classes first (resizing is per channel, so packing before it changes nothing)
+        fg = cams.gather(1, order.view(b, n_fg, 1, 1).expand(b, n_fg, H, W))
     imgs, fg = _half_res(imgs, fg)
     h, w = fg.shape[-2:]
     fg = fg.masked_fill(~valid.view(b, n_fg, 1, 1), float("-inf"))
@@ -112,14 +126,15 @@ def fuse_segs(seg_l: Tensor, seg_h: Tensor, ignore_index: int = 255) -> Tensor:
 
 
 @torch.no_grad()
-def cams_to_patch_labels(images: Tensor, cams: Tensor, labels: Tensor, *, par: PAR, patch_size: int = 16,
+def cams_to_patch_labels(images: Tensor, cams: CAMs, labels: Tensor, *, par: PAR, patch_size: int = 16,
                          bg_low: float = 0.35, bg_high: float = 0.55, ignore_index: int = 255,
                          sample_only: bool = False) -> Tuple[Optional[Tensor], Tensor]:
     """Pseudo labels of the AReAM loss from CAMs (official ``cam_to_seg`` ×2 + fusion + ``seg_to_aff`` rule).
 
     Args:
         images: (B, 3, H, W) ImageNet-normalised float; H, W multiples of ``patch_size``.
-        cams: (B, K, H, W) float CAMs in [0, 1] (absent classes are ignored whatever their value).
+        cams: (B, K, H, W) float CAMs in [0, 1] (absent classes are ignored whatever their value), or a
+            :class:`aream_fast.cam.PresentCAMs` of the present classes only (the same labels).
         labels: (B, K) multi-hot image labels (present = nonzero).
         par: a :class:`aream_fast.par.PAR` module.
         bg_low / bg_high: the two constant background scores (official score_l 0.35, score_h 0.55).

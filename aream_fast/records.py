@@ -9,7 +9,7 @@ K number of foreground classes.
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -23,11 +23,15 @@ class AttentionRequest(NamedTuple):
         (official training pseudo labels: 0..6; inference CAMs: all 12).
     class_attention_layers: layers whose head-mean class->patch softmax rows are averaged into
         ``AttentionRecords.class_attention`` (official: all 12). Ignored by single-class-token models.
+    defer_loss_grad: pass the supervised layers' q, k through the identity nodes of
+        ``aream_fast.loss_deferred`` (``AttentionRecords.deferred``), so that ``deferred_aream_loss`` adds
+        each layer's loss gradient inside that layer's backward (eager only).
     """
 
     supervised_layers: Tuple[int, ...] = ()
     refine_layers: Tuple[int, ...] = ()
     class_attention_layers: Tuple[int, ...] = ()
+    defer_loss_grad: bool = False
 
 
 class AttentionRecords(NamedTuple):
@@ -40,6 +44,8 @@ class AttentionRecords(NamedTuple):
     num_prefix_tokens: C.
     scale: the softmax scale (d ** -0.5).
     grid: (h, w) patch grid, P = h * w, patches in row-major order.
+    deferred: ``aream_fast.loss_deferred.DeferredGrads`` of the supervised layers when the request asked for
+        ``defer_loss_grad``, else None.
     """
 
     qs: Dict[int, Tensor]
@@ -48,6 +54,7 @@ class AttentionRecords(NamedTuple):
     num_prefix_tokens: int
     scale: float
     grid: Tuple[int, int]
+    deferred: Optional[Any] = None
 
 
 class ViTOutput(NamedTuple):

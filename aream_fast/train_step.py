@@ -44,7 +44,7 @@ def check_mode(mode: str) -> str:
 
 def make_ours_step(model: nn.Module, *, par: Optional[nn.Module], supervised_layers: Sequence[int],
                    aream: bool = True, pseudo_from_forward: bool = False, aream_weight: float = AREAM_WEIGHT,
-                   loss_backend: str = "auto"):
+                   loss_backend: str = "auto", defer_loss_grad: bool = True):
     """The engine's own step (``aream_fast.engine.step.AReAMStep``) for modes "ours", "ours-reuse" and, with
     ``aream=False``, "limit": exactly what ``scripts/train.py`` runs per step (eager, fp32).
 
@@ -65,7 +65,8 @@ def make_ours_step(model: nn.Module, *, par: Optional[nn.Module], supervised_lay
     layout = AReAMLayout(depth=depth, layer_index=layer_index)
     return AReAMStep(model=model, train_model=model, pseudo_model=None, layout=layout, aream=aream,
                      pseudo_from_forward=pseudo_from_forward, aream_weight=aream_weight, loss_fn=aream_loss,
-                     par=par, loss_backend=loss_backend, autocast=contextlib.nullcontext)
+                     par=par, loss_backend=loss_backend, autocast=contextlib.nullcontext,
+                     defer_loss_grad=defer_loss_grad)
 
 
 def ours_training_step(areamstep, optimizer: Optional[torch.optim.Optimizer], images: Tensor,
@@ -120,14 +121,17 @@ def build_step_case(mode: str, *, model_name: str = "mct_deit_small", img_size: 
                     num_classes: int = 20, supervised_layers: Sequence[int] = DEFAULT_SUPERVISED_LAYERS,
                     drop_path: float = 0.1, device: str = "cpu", seed: int = 0, lr: float = 6.25e-5,
                     model: Optional[nn.Module] = None, loss_backend: str = "auto",
-                    attention_backend: Optional[str] = None, model_kwargs: Optional[dict] = None) -> StepCase:
+                    attention_backend: Optional[str] = None, model_kwargs: Optional[dict] = None,
+                    defer_loss_grad: bool = True) -> StepCase:
     """Build model (or take ``model``), AdamW (official lr 6.25e-5, wd 0.05) and a synthetic batch for ``mode``.
 
     For "baseline", our model is built (same seed) and its weights are loaded into the official-formulation
     twin, which replaces it. ``model_kwargs`` go to ``build_model`` (architecture overrides for tiny test models).
     ``attention_backend`` of our model: None picks our Triton flash kernel on CUDA (SDPA for "limit") and SDPA on
     CPU (the loss backend "auto" likewise picks Triton on CUDA), so on a GPU the same benchmark measures the
-    Triton path.
+    Triton path. ``defer_loss_grad`` (ours, ours-reuse): the loss's q/k gradients are made in each supervised
+    layer's backward (``aream_fast.loss_deferred``, the trainer's eager default) or, with False, in the
+    forward with the loss value (``--loss-grad forward``).
     """
     check_mode(mode)
     torch.manual_seed(seed)
@@ -163,7 +167,8 @@ def build_step_case(mode: str, *, model_name: str = "mct_deit_small", img_size: 
             par = PAR().to(device)
 
         areamstep = make_ours_step(model, par=par, supervised_layers=supervised, aream=mode != "limit",
-                                   pseudo_from_forward=mode == "ours-reuse", loss_backend=loss_backend)
+                                   pseudo_from_forward=mode == "ours-reuse", loss_backend=loss_backend,
+                                   defer_loss_grad=defer_loss_grad)
 
         def step_fn():
             return ours_training_step(areamstep, optimizer, images, labels)

@@ -50,7 +50,7 @@ CSV_FIELDS = [
     "mem_vs_baseline", "time_vs_baseline", "mem_vs_limit", "time_vs_limit", "step_peak_vs_baseline",
     "step_peak_vs_limit", "loss",
     "t_forward_s", "t_pseudo_cam_s", "t_par_labels_s", "t_loss_fwd_s", "t_rest_s",
-    "model", "supervised_layers", "num_classes", "mem_limit_gb", "device", "cpu_model", "nproc", "threads",
+    "model", "supervised_layers", "num_classes", "loss_grad", "mem_limit_gb", "device", "cpu_model", "nproc", "threads",
     "torch", "triton", "timestamp", "note",
 ]
 _AS_SLACK_BYTES = 2 << 30  # address space beyond the cap that non-tensor growth (malloc arenas, stacks) may use
@@ -227,7 +227,8 @@ def run_child(args: argparse.Namespace) -> int:
         timer.install_module_hooks()  # before the step is built: it binds aream_loss at construction
     case = build_step_case(args.mode, model_name=args.model, img_size=args.size, batch=args.batch,
                            num_classes=args.num_classes, supervised_layers=tuple(args.supervised_layers),
-                           device=device, seed=0, model_kwargs=json.loads(args.model_kwargs) or None)
+                           device=device, seed=0, model_kwargs=json.loads(args.model_kwargs) or None,
+                           defer_loss_grad=args.loss_grad == "layer")
     if timer is not None:
         timer.install_forward_hook(case.model)
     gc.collect()
@@ -338,7 +339,8 @@ def run_case(mode: str, size: int, args: argparse.Namespace) -> Dict[str, object
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--model", args.model, "--num-classes", str(args.num_classes), "--device", args.device,
                "--threads", str(args.threads), "--mem-limit-gb", str(cap_gb), "--result-file", result_file,
-               "--model-kwargs", args.model_kwargs, *(["--breakdown"] if args.breakdown else []),
+               "--model-kwargs", args.model_kwargs, "--loss-grad", args.loss_grad,
+               *(["--breakdown"] if args.breakdown else []),
                *([] if args.alloc_profile else ["--no-alloc-profile"]),
                "--supervised-layers", *[str(l) for l in args.supervised_layers]]
         env = dict(os.environ)
@@ -413,7 +415,7 @@ def profile(args: argparse.Namespace) -> List[Dict[str, object]]:
                 "supervised_layers": " ".join(str(l) for l in args.supervised_layers),
                 "num_classes": args.num_classes, "cpu_model": cpu_model(), "nproc": os.cpu_count(),
                 "torch": torch_v, "triton": triton_v, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "threads": args.threads if args.threads > 0 else "default",
+                "threads": args.threads if args.threads > 0 else "default", "loss_grad": args.loss_grad,
             }
             if mode in ended:
                 row.update(status=STATUS_SKIPPED, note=f"curve ended: {ended[mode]}",
@@ -504,7 +506,8 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
     devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
     lines.append("")
     lines.append(f"model {first.get('model')}, batch {first.get('batch')}, supervised layers "
-                 f"{first.get('supervised_layers')}, K = {first.get('num_classes')}; device: {', '.join(devices)}; "
+                 f"{first.get('supervised_layers')}, K = {first.get('num_classes')}, loss gradients "
+                 f"'{first.get('loss_grad')}'; device: {', '.join(devices)}; "
                  f"nproc {first.get('nproc')}; torch {first.get('torch')}, triton {first.get('triton')}; "
                  f"memory cap {first.get('mem_limit_gb')} GiB per case. Peak MiB: peak memory above the memory "
                  f"in use once model, optimizer and batch were built, over warm-up + timed steps (so it includes the "
@@ -591,6 +594,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--supervised-layers", type=int, nargs="+", default=[7, 8, 9, 10, 11])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each case (0 = torch default)")
+    p.add_argument("--loss-grad", default="layer", choices=["layer", "forward"],
+                   help="ours / ours-reuse: the AReAM loss's q/k gradients made in each supervised layer's backward "
+                        "(the trainer's eager default) or in the forward with the loss value")
     p.add_argument("--breakdown", action="store_true",
                    help="on CUDA, also time the step components (synchronises around each; always on for CPU)")
     p.add_argument("--no-alloc-profile", dest="alloc_profile", action="store_false",

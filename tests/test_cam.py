@@ -131,3 +131,29 @@ def test_cam_bad_inputs(tmp_path):
     np.save(tmp_path / "arr.npy", np.zeros(3))
     with pytest.raises(ValueError, match="arr.npy"):
         load_cam_npy(tmp_path / "arr.npy")
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_present_only_is_the_full_map_of_present_classes(flip):
+    model = _model("mct_deit_small", 5, img_size=64).train()
+    images = torch.randn(3, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0, 1, 0, 1], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]])
+    full = pseudo_label_cams(model, images, labels, refine_layers=(0, 1, 2), flip=flip, scales=(1.0, 0.5))
+    torch.manual_seed(0)
+    packed = pseudo_label_cams(model, images, labels, refine_layers=(0, 1, 2), flip=flip, scales=(1.0, 0.5),
+                               present_only=True)
+    assert packed.cams.shape == (3, 3, 64, 64)
+    assert packed.classes.tolist() == [[0, 2, 4], [0, 0, 0], [1, 0, 0]]
+    for b in range(3):
+        for j in range(3):
+            if packed.valid[b, j]:
+                torch.testing.assert_close(packed.cams[b, j], full[b, packed.classes[b, j]], rtol=0, atol=1e-6)
+            else:
+                assert float(packed.cams[b, j].abs().max()) == 0.0
+    out = model.eval()(images, AttentionRequest(supervised_layers=(3,), refine_layers=(0, 1),
+                                                class_attention_layers=(0, 1, 2, 3)))
+    full = cams_from_output(out, labels, (64, 64), refine_layers=(0, 1))
+    packed = cams_from_output(out, labels, (64, 64), refine_layers=(0, 1), present_only=True)
+    torch.testing.assert_close(packed.cams[0], full[0, [0, 2, 4]], rtol=0, atol=1e-6)
+    none = cams_from_output(out, torch.zeros(3, 5), (64, 64), refine_layers=(0, 1), present_only=True)
+    assert none.cams.shape == (3, 0, 64, 64) and none.classes.shape == (3, 0)

@@ -5,19 +5,7 @@ import torch
 import aream_fast.loss_tiled as loss_tiled
 from aream_fast import AReAMLoss, aream_loss
 from aream_fast.reference import aream_loss_reference
-
-
-def make_inputs(batch, heads, prefix, patches, head_dim, layers, *, dtype=torch.float32, ignore_frac=0.3,
-                num_classes=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = prefix + patches
-    qs = [torch.randn(batch, heads, tokens, head_dim, generator=gen, dtype=dtype).requires_grad_()
-          for _ in range(layers)]
-    ks = [torch.randn(batch, heads, tokens, head_dim, generator=gen, dtype=dtype).requires_grad_()
-          for _ in range(layers)]
-    labels = torch.randint(0, num_classes, (batch, patches), generator=gen)
-    labels[torch.rand(batch, patches, generator=gen) < ignore_frac] = 255
-    return qs, ks, labels
+from _qk_inputs import make_inputs
 
 
 def reference_from_qk(qs, ks, labels, *, scale, prefix, layer_weights=None):
@@ -95,6 +83,25 @@ def test_parity_merged_head_views():
     q, k, _ = qkv.unbind(0)
     labels = torch.randint(0, 3, (batch, tokens - 1))
     check_parity([q], [k], labels, prefix=1)
+
+
+@pytest.mark.parametrize("tile_bytes", [None, 8 * 3 * 20 * 4])
+def test_parity_merged_head_views_with_ignored_patches(monkeypatch, tile_bytes):
+    # fused-qkv views AND ignored patches: the compacted rows are gathered from the (B*N, H*d) token rows;
+    # the small tile makes several row tiles (8 rows each) per layer
+    if tile_bytes is not None:
+        monkeypatch.setattr(loss_tiled, "_TILE_BYTES", tile_bytes)
+    batch, tokens, heads, head_dim = 3, 22, 3, 4
+    g = torch.Generator().manual_seed(5)
+    qkvs = [torch.randn(batch, tokens, 3, heads, head_dim, generator=g).permute(2, 0, 3, 1, 4).requires_grad_()
+            for _ in range(2)]
+    qs, ks = [x[0] for x in qkvs], [x[1] for x in qkvs]
+    assert loss_tiled._token_rows(qs[0]) is not None  # the gather path under test
+    labels = torch.randint(0, 3, (batch, tokens - 2), generator=g)
+    labels[0, 1:7] = 255
+    labels[1, ::3] = 255
+    labels[2, -5:] = 255
+    check_parity(qs, ks, labels, prefix=2)
 
 
 def test_all_ignored_is_exactly_zero():

@@ -84,6 +84,25 @@ def test_par_batched_equals_per_image_and_per_channel():
             torch.testing.assert_close(out[b:b + 1, c:c + 1], par(imgs[b:b + 1], masks[b:b + 1, c:c + 1]))
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 48 * 12 * 10 * 4 * 2])  # one image, then two images per chunk
+def test_par_chunked_batch_equals_whole_batch(chunk_bytes):
+    g = torch.Generator().manual_seed(2)
+    imgs, masks = torch.rand(5, 3, 12, 10, generator=g), torch.rand(5, 4, 12, 10, generator=g)
+    whole = PAR(num_iters=3, chunk_bytes=1 << 30)(imgs, masks)
+    chunked = PAR(num_iters=3, chunk_bytes=chunk_bytes)(imgs, masks)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    for b in range(5):  # and against the per-image loop reference
+        ref = par_loop(imgs[b].numpy(), masks[b].numpy(), (1, 2, 4, 8, 12, 24), 3)
+        np.testing.assert_allclose(chunked[b].numpy(), ref, rtol=2e-5, atol=1e-6)
+
+
+def test_par_does_not_modify_its_inputs():
+    imgs, masks = torch.rand(2, 3, 9, 9), torch.rand(2, 3, 9, 9)
+    imgs0, masks0 = imgs.clone(), masks.clone()
+    PAR(num_iters=4)(imgs, masks)  # ping-pong buffers must never reuse the caller's mask tensor
+    assert torch.equal(imgs, imgs0) and torch.equal(masks, masks0)
+
+
 def test_par_bad_input():
     par = PAR()
     with pytest.raises(ValueError, match="share batch"):

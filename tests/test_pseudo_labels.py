@@ -93,6 +93,31 @@ def test_fusion_rule():
     assert fuse_segs(seg_l, seg_h).tolist() == [[[0, 255, 3, 2]]]
 
 
+@pytest.mark.parametrize("sample_only", [False, True])
+def test_present_only_cams_give_the_same_labels(sample_only):
+    from aream_fast.cam import PresentCAMs, present_classes
+
+    B, K, H, W = 3, 6, 48, 32
+    g = torch.Generator().manual_seed(8)
+    images = torch.randn(B, 3, H, W, generator=g)
+    cams = smooth_cams(B, K, H, W, g)
+    labels = torch.zeros(B, K)
+    labels[0, [1, 4]] = 1
+    labels[1, 5] = 1  # image 2: no class at all
+    classes, valid = present_classes(labels)
+    assert classes.tolist() == [[1, 4], [5, 0], [0, 0]] and valid.tolist() == [[1, 1], [1, 0], [0, 0]]
+    packed = cams.gather(1, classes[:, :, None, None].expand(-1, -1, H, W)) * valid[:, :, None, None]
+    par = PAR(num_iters=3)
+    seg, patch = cams_to_patch_labels(images, cams, labels, par=par, sample_only=sample_only)
+    seg_p, patch_p = cams_to_patch_labels(images, PresentCAMs(packed, classes, valid), labels, par=par,
+                                          sample_only=sample_only)
+    assert torch.equal(patch_p, patch) and (seg is None) == (seg_p is None)
+    if seg is not None:
+        assert torch.equal(seg_p, seg)
+    with pytest.raises(ValueError, match="classes and valid"):
+        cams_to_patch_labels(images, PresentCAMs(packed, classes[:, :1], valid), labels, par=par)
+
+
 def test_bad_shapes():
     par = PAR(num_iters=1)
     with pytest.raises(ValueError, match="labels must be"):

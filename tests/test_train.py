@@ -119,6 +119,22 @@ def test_interrupt_and_resume_reproduce_the_uninterrupted_losses(data_root, tmp_
     assert "weights entropy (loss [0.0, 0.5], refine [0.0, 0.25])" in open(os.path.join(full, "train.log")).read()
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+def test_loss_grad_layer_and_forward_train_identically(data_root, tmp_path, reuse):
+    # the deferred per-layer gradients (default) and the gradients made in the forward: same training run
+    common = TINY + ["--data-root", data_root, "--no-cams", "--epochs", "2", "--max-steps", "6"]
+    common += ["--pseudo-from-forward"] if reuse else []
+    layer, forward = str(tmp_path / "layer"), str(tmp_path / "forward")
+    assert train_script.main(common + ["--run-dir", layer]) == 0
+    assert train_script.main(common + ["--run-dir", forward, "--loss-grad", "forward"]) == 0
+    a, b = _step_losses(layer), _step_losses(forward)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6, rel=0), f"step {step}: {b[step]} != {a[step]}"
+    assert "made in each supervised layer's backward" in open(os.path.join(layer, "train.log")).read()
+    assert "made with the loss value in the forward" in open(os.path.join(forward, "train.log")).read()
+
+
 def test_bad_data_root_and_corrupt_image(data_root, tmp_path):
     from aream_fast.data.image_io import CorruptImageError
     from aream_fast.data.layout import DatasetLayoutError

@@ -97,6 +97,7 @@ class TrainConfig:
     bg_low: float = 0.35
     bg_high: float = 0.55
     loss_backend: str = "auto"
+    loss_grad: str = "layer"  # "layer": q/k gradients made in each layer's backward (eager); "forward"
     # precision / compile
     amp: bool = False
     cpu_amp: str = "measure"  # with --amp on CPU: "measure" (bf16 only if faster), "bf16" or "fp32"
@@ -193,6 +194,8 @@ class TrainConfig:
         for name, scales in (("--pseudo-scales", self.pseudo_scales), ("--cam-scales", self.cam_scales)):
             if len(scales) == 0 or any(s <= 0 for s in scales):
                 raise ValueError(f"{name} must be a non-empty list of positive floats, got {list(scales)}")
+        if self.loss_grad not in ("layer", "forward"):
+            raise ValueError(f"--loss-grad must be 'layer' or 'forward', got {self.loss_grad!r}")
         if self.resume is not None and self.resume != "auto" and not self.resume:
             raise ValueError("--resume must be a checkpoint path or 'auto'")
         return self
@@ -274,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bg-low", type=float, default=d.bg_low)
     g.add_argument("--bg-high", type=float, default=d.bg_high)
     g.add_argument("--loss-backend", default=d.loss_backend, choices=["auto", "torch", "triton"])
+    g.add_argument("--loss-grad", default=d.loss_grad, choices=["layer", "forward"],
+                   help="where the AReAM loss's q/k gradients are made: 'layer' (default) inside each supervised "
+                        "layer's backward (nothing held across the memory peak; one extra q k^T matmul per layer), "
+                        "'forward' with the loss value (fastest; holds 2 gradients per layer until the "
+                        "backward). --compile always uses 'forward'")
     g = p.add_argument_group("precision / compile")
     g.add_argument("--amp", action="store_true",
                    help="CUDA: bf16 autocast (fp16 + GradScaler without bf16); CPU: bf16 only if measured faster")

@@ -3,7 +3,8 @@
 Per step, with images (B, 3, S, S) normalised and labels (B, K) multi-hot:
 
 1. (default, official) pseudo labels under no_grad from a **separate** forward on [x; flip(x)] with the
-   shallow layers' attention (``aream_fast.cam.pseudo_label_cams``, spec §3.1), then PAR + the two background
+   shallow layers' attention (``aream_fast.cam.pseudo_label_cams`` with ``present_only``: each image's
+   present classes only, the channels the official ``cam_to_seg`` reads; spec §3.1), then PAR + the two background
    thresholds + per-patch sampling (``aream_fast.pseudo_labels.cams_to_patch_labels``, spec §3.2-3.4; with
    ``sample_only=True``: the upsampled map is evaluated only at the P pixels the patch labels read -- the same
    labels as the full-resolution argmax, spec §3.4 "Consequence");
@@ -12,7 +13,10 @@ Per step, with images (B, 3, S, S) normalised and labels (B, K) multi-hot:
 3. ``--pseudo-from-forward``: pseudo labels from the training forward's own CAM and records
    (``aream_fast.cam.cams_from_output``; no extra forward, no flip) instead of step 1;
 4. ``total = L_cls + λ · aream_loss(q_l, k_l of the supervised layers, patch_labels, layer_weights)``
-   after the ``cls_epochs`` warm-up; ``total = L_cls`` before it and for ``--no-aream``.
+   after the ``cls_epochs`` warm-up; ``total = L_cls`` before it and for ``--no-aream``. With
+   ``defer_loss_grad`` (the eager default, ``--loss-grad layer``) the same loss comes from
+   ``aream_fast.loss_deferred.deferred_aream_loss``: each layer's q/k gradient is made inside that layer's
+   backward instead of being held from the forward across the memory peak.
 
 Compile: the training model (possibly DDP-wrapped) and the loss function are compiled separately by the
 trainer; pseudo-label computation runs outside those graphs. Shapes are fixed per phase (drop_last), so each
@@ -73,7 +77,7 @@ class AReAMStep:
                  layout: AReAMLayout, aream: bool, pseudo_from_forward: bool, aream_weight: float,
                  loss_fn: Callable, par: Optional[nn.Module], pseudo_scales: Sequence[float] = (1.0,),
                  bg_low: float = 0.35, bg_high: float = 0.55, loss_backend: str = "auto",
-                 autocast: Callable = None):
+                 autocast: Callable = None, defer_loss_grad: bool = False):
         self.model = model
         self.train_model = train_model
         self.pseudo_model = pseudo_model if pseudo_model is not None else model
@@ -88,6 +92,7 @@ class AReAMStep:
         self.bg_high = bg_high
         self.loss_backend = loss_backend
         self.autocast = autocast
+        self.defer_loss_grad = bool(defer_loss_grad) and aream
         if aream and par is None:
             raise ValueError("par must be a PAR module when aream=True")
         # One request for the whole run (warm-up included) so the compiled training graph never changes.
@@ -96,9 +101,11 @@ class AReAMStep:
         elif pseudo_from_forward:
             self.request = AttentionRequest(supervised_layers=layout.supervised_layers,
                                             refine_layers=layout.refine_layers,
-                                            class_attention_layers=layout.all_layers)
+                                            class_attention_layers=layout.all_layers,
+                                            defer_loss_grad=self.defer_loss_grad)
         else:
-            self.request = AttentionRequest(supervised_layers=layout.supervised_layers)
+            self.request = AttentionRequest(supervised_layers=layout.supervised_layers,
+                                            defer_loss_grad=self.defer_loss_grad)
 
     def pseudo_labels_separate(self, images: Tensor, labels: Tensor) -> Tensor:
         """Official pseudo labels: separate no-grad forward on image + flip (spec §3.1-3.4). -> (B, P) int64."""
@@ -108,10 +115,11 @@ class AReAMStep:
             cams = pseudo_label_cams(self.pseudo_model, images, labels, refine_layers=self.layout.refine_layers,
                                      refine_weights=self.layout.refine_weights,
                                      class_attention_layers=self.layout.all_layers, scales=self.pseudo_scales,
-                                     flip=True)
-        return self._patch_labels(images, cams.float(), labels)
+                                     flip=True, present_only=True)
+        return self._patch_labels(images, cams, labels)
 
-    def _patch_labels(self, images: Tensor, cams: Tensor, labels: Tensor) -> Tensor:
+    def _patch_labels(self, images: Tensor, cams, labels: Tensor) -> Tensor:
+        """cams: ``PresentCAMs`` (the present classes only, at full resolution) -> (B, P) int64 labels."""
         from aream_fast.pseudo_labels import cams_to_patch_labels
 
         with torch.no_grad():
@@ -136,13 +144,19 @@ class AReAMStep:
 
             cams = cams_from_output(out, labels, tuple(images.shape[-2:]),
                                     refine_layers=self.layout.refine_layers,
-                                    refine_weights=self.layout.refine_weights)
-            patch_labels = self._patch_labels(images, cams.float(), labels)
+                                    refine_weights=self.layout.refine_weights, present_only=True)
+            patch_labels = self._patch_labels(images, cams, labels)
         rec = out.records
         sup = self.layout.supervised_layers
-        loss_aff = self.loss_fn([rec.qs[l] for l in sup], [rec.ks[l] for l in sup], patch_labels,
-                                scale=rec.scale, num_prefix_tokens=rec.num_prefix_tokens,
-                                layer_weights=self.layout.loss_weights, backend=self.loss_backend)
+        if self.defer_loss_grad:
+            from aream_fast.loss_deferred import deferred_aream_loss
+
+            loss_aff = deferred_aream_loss(rec, patch_labels, layer_weights=self.layout.loss_weights,
+                                           backend=self.loss_backend)
+        else:
+            loss_aff = self.loss_fn([rec.qs[l] for l in sup], [rec.ks[l] for l in sup], patch_labels,
+                                    scale=rec.scale, num_prefix_tokens=rec.num_prefix_tokens,
+                                    layer_weights=self.layout.loss_weights, backend=self.loss_backend)
         loss_aff = loss_aff.float()
         terms["loss_aream"] = loss_aff.detach()
         valid = patch_labels != 255

@@ -258,11 +258,17 @@ class Trainer:
             self.log.info(f"torch.compile ({backend}): training model, AReAM loss"
                           + (" and pseudo-label forward (separate graph)" if pseudo_model is not self.model
                              else ""))
+        defer = cfg.loss_grad == "layer" and not cfg.compile
+        if cfg.aream:
+            self.log.info("AReAM loss gradients: " + (
+                "made in each supervised layer's backward (--loss-grad layer)" if defer else
+                "made with the loss value in the forward" + (" (--compile: the deferred identity nodes "
+                                                               "cannot be traced)" if cfg.compile else "")))
         self.step_fn = AReAMStep(model=self.model, train_model=train_model, pseudo_model=pseudo_model,
                                  layout=self.layout, aream=cfg.aream, pseudo_from_forward=cfg.pseudo_from_forward,
                                  aream_weight=cfg.aream_weight, loss_fn=loss_fn, par=self.par,
                                  pseudo_scales=cfg.pseudo_scales, bg_low=cfg.bg_low, bg_high=cfg.bg_high,
-                                 loss_backend=cfg.loss_backend,
+                                 loss_backend=cfg.loss_backend, defer_loss_grad=defer,
                                  autocast=lambda: self.precision.autocast(self.device))
 
     # ------------------------------------------------------------------------------------------- checkpoints

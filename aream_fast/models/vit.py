@@ -20,7 +20,8 @@ and the head-mean class->patch rows asked for by an ``AttentionRequest`` (no N x
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+import functools
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +81,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, num_prefix_tokens: int,
-                class_attention: bool) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    def forward(self, x: Tensor, num_prefix_tokens: int, class_attention: bool,
+                qk_hook: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """x (B, N, D) -> (x, q, k (B, H, N, d), class_attn (B, C, P) or None)."""
-        a, q, k, cls_attn = self.attn(self.norm1(x), num_prefix_tokens, class_attention)
+        a, q, k, cls_attn = self.attn(self.norm1(x), num_prefix_tokens, class_attention, qk_hook)
         x = x + self.drop_path(a)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, q, k, cls_attn
@@ -236,8 +237,14 @@ class WSSSViT(nn.Module):
             qs: Dict[int, Tensor] = {}
             ks: Dict[int, Tensor] = {}
             cls_sum: Optional[Tensor] = None
+            deferred = None
+            if request.defer_loss_grad:
+                from aream_fast.loss_deferred import DeferredGrads
+
+                deferred = DeferredGrads()
             for i, blk in enumerate(self.blocks):
-                x, q, k, cls_attn = blk(x, c, i in cls_layers)
+                hook = functools.partial(deferred.attach, i) if deferred is not None and i in supervised else None
+                x, q, k, cls_attn = blk(x, c, i in cls_layers, hook)
                 if i in supervised:
                     qs[i], ks[i] = q, k
                 elif i in refine:
@@ -246,7 +253,7 @@ class WSSSViT(nn.Module):
                     cls_sum = cls_attn if cls_sum is None else cls_sum + cls_attn
             class_attention = cls_sum / len(cls_layers) if cls_sum is not None else None
             records = AttentionRecords(qs=qs, ks=ks, class_attention=class_attention, num_prefix_tokens=c,
-                                       scale=self.blocks[0].attn.scale, grid=grid)
+                                       scale=self.blocks[0].attn.scale, grid=grid, deferred=deferred)
         else:
             for blk in self.blocks:
                 x = blk(x, c, False)[0]
