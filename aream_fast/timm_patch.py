@@ -11,11 +11,16 @@ q/k norm, ``F.scaled_dot_product_attention`` with the module's scale, optional g
 model output is unchanged; it only keeps a reference to q and k of the supervised layers. SDPA never
 materialises the N x N attention on the flash path and the loss needs only q and k (DESIGN.md), so nothing
 N x N is kept for AReAM.
+
+``apply_aream_to_timm(model, layers, defer_loss_grad=True)`` (eager only) passes the supervised q, k through
+the identity nodes of ``aream_fast.loss_deferred``: ``recorder.loss`` then returns the same loss, whose q / k
+gradients are made inside each supervised block's backward instead of being held from the loss forward to the
+backward (lower peak memory, one extra q kᵀ matmul per layer).
 """
 from __future__ import annotations
 
 import types
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +41,7 @@ def _attention_forward(self: nn.Module, x: Tensor, attn_mask=None, is_causal: bo
     q, k = self.q_norm(q), self.k_norm(k)
     recorder = self._aream_recorder
     if recorder is not None:
-        recorder._record(self._aream_layer, q, k)
+        q, k = recorder._record(self._aream_layer, q, k)
     x = F.scaled_dot_product_attention(
         q, k, v,
         attn_mask=attn_mask,
@@ -62,9 +67,11 @@ class AReAMRecorder:
         scale: the attention scale of the supervised blocks (head_dim ** -0.5).
     """
 
-    def __init__(self, model: nn.Module, supervised_layers: List[int]) -> None:
+    def __init__(self, model: nn.Module, supervised_layers: List[int], defer_loss_grad: bool = False) -> None:
         self.model = model
         self.supervised_layers = tuple(supervised_layers)
+        self.defer_loss_grad = bool(defer_loss_grad)
+        self._grads = None  # DeferredGrads of the last forward (defer_loss_grad)
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self._q: Dict[int, Tensor] = {}
         self._k: Dict[int, Tensor] = {}
@@ -74,9 +81,17 @@ class AReAMRecorder:
             raise ValueError(f"supervised_layers have different attention scales {sorted(scales)}")
         self.scale = scales.pop()
 
-    def _record(self, layer: int, q: Tensor, k: Tensor) -> None:
+    def _record(self, layer: int, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """Keep q, k of a supervised block; returns the q, k the block's attention must use."""
         self._q[layer] = q
         self._k[layer] = k
+        if not self.defer_loss_grad:
+            return q, k
+        if self._grads is None or layer == min(self.supervised_layers):  # a new forward starts
+            from aream_fast.loss_deferred import DeferredGrads
+
+            self._grads = DeferredGrads()
+        return self._grads.attach(layer, q, k)
 
     def _recorded(self, store: Dict[int, Tensor], name: str) -> List[Tensor]:
         missing = [i for i in self.supervised_layers if i not in store]
@@ -101,15 +116,23 @@ class AReAMRecorder:
         """Drop the recorded tensors (and the autograd graph they keep alive)."""
         self._q.clear()
         self._k.clear()
+        self._grads = None
 
     def loss(self, patch_labels: Tensor, **kwargs) -> Tensor:
         """``aream_loss(self.qs, self.ks, patch_labels, scale=model scale, num_prefix_tokens=model C, **kwargs)``.
 
         patch_labels: (B, P) int64, P = number of patches of the last forward. kwargs: ``layer_weights``,
-        ``ignore_index``, ``backend``. Returns the 0-dim loss, differentiable into the model's qkv weights.
+        ``ignore_index``, ``backend``. Returns the 0-dim loss, differentiable into the model's qkv weights
+        (with ``defer_loss_grad``: ``deferred_aream_loss``, the same value and gradients).
         """
         from aream_fast.loss import aream_loss
 
+        if self.defer_loss_grad:
+            from aream_fast.loss_deferred import deferred_aream_loss
+
+            self._recorded(self._q, "qs")  # same error as the plain path when nothing was recorded
+            return deferred_aream_loss(self._grads, patch_labels, scale=self.scale,
+                                       num_prefix_tokens=self.num_prefix_tokens, **kwargs)
         return aream_loss(
             self.qs, self.ks, patch_labels, scale=self.scale, num_prefix_tokens=self.num_prefix_tokens, **kwargs
         )
@@ -131,7 +154,8 @@ class AReAMRecorder:
         self.remove()
 
 
-def apply_aream_to_timm(model: nn.Module, supervised_layers: Iterable[int]) -> AReAMRecorder:
+def apply_aream_to_timm(model: nn.Module, supervised_layers: Iterable[int],
+                        defer_loss_grad: bool = False) -> AReAMRecorder:
     """Patch a timm ``VisionTransformer`` in place for AReAM and return its recorder.
 
     Every block's ``attn`` (a ``timm.layers.Attention``) is switched to an SDPA forward with the same output;
@@ -142,6 +166,8 @@ def apply_aream_to_timm(model: nn.Module, supervised_layers: Iterable[int]) -> A
         model: a ``timm.models.VisionTransformer`` (any size, class / register tokens allowed).
         supervised_layers: 0-based block indices whose attention the AReAM loss supervises (official: the
             5 deepest of 12, ``range(7, 12)``).
+        defer_loss_grad: make each supervised layer's loss gradient inside that block's backward
+            (``aream_fast.loss_deferred``; lower peak memory; eager only, not under ``torch.compile``).
 
     Raises:
         ValueError: ``model`` is not a timm VisionTransformer with ``timm.layers.Attention`` blocks, the layer
@@ -170,7 +196,7 @@ def apply_aream_to_timm(model: nn.Module, supervised_layers: Iterable[int]) -> A
         if hasattr(attn, "_aream_recorder"):
             raise ValueError(f"model.blocks[{i}].attn is already patched; call recorder.remove() first")
 
-    recorder = AReAMRecorder(model, layers)
+    recorder = AReAMRecorder(model, layers, defer_loss_grad=defer_loss_grad)
     chosen = set(layers)
     for i, block in enumerate(model.blocks):
         attn = block.attn

@@ -88,6 +88,27 @@ def test_weights_and_clear():
     recorder.remove()
 
 
+@pytest.mark.parametrize("reg_tokens", [0, 2])
+def test_deferred_loss_grad_matches_plain(reg_tokens):
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 3, (2, 16))
+    labels[1, 4:9] = 255
+    results = []
+    for defer in (False, True):
+        model = tiny_vit(reg_tokens=reg_tokens)
+        recorder = apply_aream_to_timm(model, [1, 2], defer_loss_grad=defer)
+        for _ in range(2):  # a second forward replaces the first one's records and identity nodes
+            out = model(images)
+        loss = recorder.loss(labels, layer_weights=[0.5, 1.0])
+        (out.sum() * 1e-2 + loss).backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        recorder.remove()
+    (v_plain, g_plain), (v_def, g_def) = results
+    assert v_def == pytest.approx(v_plain, rel=1e-6)
+    for a, b in zip(g_def, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_bad_arguments():
     model = tiny_vit()
     with pytest.raises(ValueError, match="at least one block"):
