@@ -8,8 +8,9 @@ renormalised), then ``num_iters`` rounds of M(i) ← Σ_k W_k(i) M(i + δ_k) on 
 
 Implementation: one replicate pad by the largest dilation, then each neighbour is a shifted slice (a view) of
 that padded tensor: no unfold, no conv, no (B, C, 48, H, W) neighbour stack (the std is a two-pass sum over the
-48 views). Everything is batched over images and over mask channels; the affinity W (B, 48, H, W) is computed
-once and shared by all channels.
+48 views, accumulated in place). Batched over mask channels and over a chunk of images (``chunk_bytes``: one
+448 px image per chunk by default, so the weights of the whole batch never exist at once); the affinity W
+(b, 48, H, W) of a chunk is computed once and shared by all channels.
 """
 from __future__ import annotations
 
@@ -45,11 +46,16 @@ class PAR(nn.Module):
     ``images`` may be normalised or not: the image term is invariant to per-channel affine scaling (up to the
     1e-8 eps); the official code passes the denormalised image. ``masks`` must already have the image's size
     (the official interpolation is commented out).
+
+    ``chunk_bytes``: images are refined a chunk at a time so that one chunk's (b, 48, H, W) fp32 neighbour
+    weights take at most about this many bytes (at least one image per chunk); the result does not depend on it.
     """
 
     def __init__(self, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iters: int = 10, w1: float = 0.3,
                  w2: float = 0.01, chunk_bytes: int = 16 << 20):
         super().__init__()
+        if int(chunk_bytes) < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self.chunk_bytes = int(chunk_bytes)
         dilations = tuple(int(d) for d in dilations)
         if not dilations or min(dilations) < 1:
