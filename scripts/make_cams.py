@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", dest="flip", action="store_false", help="skip the flipped view")
     p.add_argument("--overlays", type=int, default=0, help="also write PNG overlays for the first N images")
     p.add_argument("--eval", action="store_true", help="score the CAMs (needs masks): threshold sweep mIoU")
+    p.add_argument("--mask-dir", default=None,
+                   help="with --eval: GT mask folder under the root (default: for VOC, SegmentationClass when it "
+                        "holds every listed mask (the official protocol), else SegmentationClassAug)")
     p.add_argument("--device", default=None)
     p.add_argument("--skip-bad-images", action="store_true")
     return p
@@ -44,7 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not scales or any(s <= 0 for s in scales):
         raise SystemExit(f"--scales must be positive, got {args.scales!r}")
 
-    from aream_fast.engine.build import build_split, load_model_from_checkpoint, resolve_data_root
+    from aream_fast.engine.build import (build_cam_eval_split, build_split, load_model_from_checkpoint,
+                                         resolve_data_root)
     from aream_fast.engine.cams import score_cams, write_cams
     from aream_fast.engine.distributed import barrier, cleanup, init_distributed
 
@@ -56,7 +60,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg.skip_bad_images = args.skip_bad_images or cfg.skip_bad_images
         split = args.split or cfg.cam_split
         root = resolve_data_root(cfg, create=False)
-        dataset = build_split(cfg, root, split, train=False, native_size=True, with_masks=True if args.eval else None)
+        if args.eval:
+            dataset = build_cam_eval_split(cfg, root, split, mask_dir=args.mask_dir)
+            print(f"scoring against {dataset.files.mask_dir}", flush=True)
+        else:
+            dataset = build_split(cfg, root, split, train=False, native_size=True)
         out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"cams_{split}")
         n = write_cams(model, dataset, out_dir, scales=scales, flip=args.flip, device=info.device,
                        overlays=args.overlays, rank=info.rank, world_size=info.world_size,
@@ -65,6 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         barrier(info)
         if args.eval and info.is_main:
             results = score_cams(out_dir, dataset, log=print)
+            results["gt_dir"] = str(dataset.files.mask_dir)
             with open(os.path.join(out_dir, "cam_eval.json"), "w") as fh:
                 json.dump(results, fh, indent=2)
     finally:

@@ -580,7 +580,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 320, 448, 512, 640])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (after --warmup)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps first (CPU: the C allocator's heap settles after 2-3 steps; before that each "
+                        "step page-faults fresh memory and times are inflated)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--out", default="docs/figures/memory_step",
                    help="output prefix: writes <out>.csv, <out>.md and <out>.png")

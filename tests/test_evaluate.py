@@ -135,10 +135,9 @@ def test_unlabelled_image_may_lack_a_cam_file(tmp_path):
         ev.main(["--cam-dir", str(cams), "--dataset", "voc", "--data-root", str(root), "--no-progress"])
 
 
-def test_voc_default_ground_truth_is_segmentation_class(tmp_path):
-    # Official protocol (spec §5.3): VOC CAMs are scored against SegmentationClass even when
-    # SegmentationClassAug (preferred for training) exists; Aug is the fallback when Class lacks masks.
-    ev = _load_script()
+def _voc_tree_with_both_mask_folders(tmp_path):
+    """VOC layout with one image "a" whose SegmentationClass mask (class 3 square) differs from its
+    SegmentationClassAug mask (all background)."""
     from PIL import Image
 
     root = tmp_path / "voc"
@@ -150,6 +149,14 @@ def test_voc_default_ground_truth_is_segmentation_class(tmp_path):
     m[2:6, 2:6] = 3
     write_mask(root / "SegmentationClass" / "a.png", m)
     write_mask(root / "SegmentationClassAug" / "a.png", np.zeros((8, 8), np.uint8))  # differs on purpose
+    return root
+
+
+def test_voc_default_ground_truth_is_segmentation_class(tmp_path):
+    # Official protocol (spec §5.3): VOC CAMs are scored against SegmentationClass even when
+    # SegmentationClassAug (preferred for training) exists; Aug is the fallback when Class lacks masks.
+    ev = _load_script()
+    root = _voc_tree_with_both_mask_folders(tmp_path)
     cams = tmp_path / "cams"
     cams.mkdir()
     c = np.zeros((1, 8, 8), np.float32)
@@ -160,3 +167,18 @@ def test_voc_default_ground_truth_is_segmentation_class(tmp_path):
     assert res["gt_dir"].endswith("SegmentationClass") and res["per_class_iou"]["bird"] == pytest.approx(1.0)
     (root / "SegmentationClass" / "a.png").unlink()  # Class lacks a mask: fall back to Aug
     assert ev.main(args)["gt_dir"].endswith("SegmentationClassAug")
+
+
+def test_cam_eval_split_uses_segmentation_class_for_voc(tmp_path):
+    # the trainer's end-of-run CAM score and make_cams.py --eval follow the same rule as evaluate.py
+    from aream_fast.engine.build import build_cam_eval_split
+    from aream_fast.engine.config import TrainConfig
+
+    root = _voc_tree_with_both_mask_folders(tmp_path)
+    cfg = TrainConfig(dataset="voc", data_root=str(root))
+    ds = build_cam_eval_split(cfg, str(root), "train")
+    assert ds.files.mask_dir.name == "SegmentationClass" and int(ds[0]["mask"].max()) == 3
+    assert build_cam_eval_split(cfg, str(root), "train", mask_dir="SegmentationClassAug").files.mask_dir.name == \
+        "SegmentationClassAug"
+    (root / "SegmentationClass" / "a.png").unlink()  # Class lacks a mask: fall back to Aug
+    assert build_cam_eval_split(cfg, str(root), "train").files.mask_dir.name == "SegmentationClassAug"

@@ -58,6 +58,26 @@ def build_split(cfg: TrainConfig, root: str, split: str, *, train: bool, native_
                          skip_bad_images=cfg.skip_bad_images, progress=progress)
 
 
+def build_cam_eval_split(cfg: TrainConfig, root: str, split: str, *, mask_dir: Optional[str] = None,
+                         progress: bool = False):
+    """Native-size split with masks for scoring CAMs. VOC with no ``mask_dir``: the official ground truth
+    ``SegmentationClass`` (spec §5.3) when it holds every listed mask, else the default folder
+    (``SegmentationClassAug``), as ``scripts/evaluate.py`` does. ``dataset.files.mask_dir`` tells which."""
+    from aream_fast.data import build_dataset
+    from aream_fast.data.layout import DatasetLayoutError
+
+    def build(folder: Optional[str]):
+        return build_dataset(cfg.dataset, root, split, train=False, image_size=None, with_masks=True,
+                             mask_dir=folder, skip_bad_images=cfg.skip_bad_images, progress=progress)
+
+    if mask_dir is None and cfg.dataset == "voc":
+        try:
+            return build("SegmentationClass")
+        except DatasetLayoutError:
+            pass
+    return build(mask_dir)
+
+
 def load_model_from_checkpoint(path: str, device: Any = "cpu"):
     """(model in eval mode, its TrainConfig) from a training checkpoint (``checkpoint*.pth``)."""
     from aream_fast.engine.checkpoint import load_checkpoint

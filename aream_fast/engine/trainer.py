@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from aream_fast.engine import checkpoint as ckpt_io
-from aream_fast.engine.build import build_model_from_config, build_split, resolve_data_root
+from aream_fast.engine.build import build_cam_eval_split, build_model_from_config, build_split, resolve_data_root
 from aream_fast.engine.config import TrainConfig, config_json
 from aream_fast.engine.distributed import DistInfo, any_rank, barrier, broadcast_object, cleanup, init_distributed
 from aream_fast.engine.interrupt import GracefulStop
@@ -469,8 +469,7 @@ class Trainer:
             model = build_model_from_config(self.cfg, self.num_classes).to(self.device)
             model.load_state_dict(ckpt_io.load_checkpoint(best, map_location=self.device)["model"])
             source = "best val mAP"
-        cam_set = build_split(self.cfg, self.data_root, self.cfg.cam_split, train=False, native_size=True,
-                              with_masks=True)
+        cam_set = build_cam_eval_split(self.cfg, self.data_root, self.cfg.cam_split)
         cam_dir = os.path.join(self.run_dir, f"cams_{self.cfg.cam_split}")
         t0 = time.time()
         written = write_cams(model, cam_set, cam_dir, scales=self.cfg.cam_scales, flip=self.cfg.cam_flip,
@@ -478,7 +477,7 @@ class Trainer:
         cam_s = time.time() - t0
         self.log.info(f"wrote {written} CAM files ({source} weights) to {cam_dir} in {cam_s:.1f} s")
         results = score_cams(cam_dir, cam_set, log=self.log.info)
-        results.update(cam_dir=cam_dir, weights=source, cam_seconds=cam_s)
+        results.update(cam_dir=cam_dir, weights=source, cam_seconds=cam_s, gt_dir=str(cam_set.files.mask_dir))
         self.log.log_metrics({"cam_mIoU": results["mIoU"], "cam_best_threshold": results["threshold"]},
                              step=self.global_step)
         return results
