@@ -204,9 +204,11 @@ def test_torchrun_two_processes_gloo(data_root, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path):
     run_dir = tmp_path / "sig"
-    # --pseudo-from-forward: pseudo labels from the training forward's records (no second forward)
-    cmd = [sys.executable, TRAIN] + TINY + ["--data-root", data_root, "--run-dir", str(run_dir), "--no-cams",
-                                            "--pseudo-from-forward"]
+    # --pseudo-from-forward: pseudo labels from the training forward's records (no second forward). 12 epochs
+    # (48 steps, several seconds): the signal must land mid-training, not after the last step of a sub-second run
+    args = TINY + ["--data-root", data_root, "--run-dir", str(run_dir), "--no-cams", "--pseudo-from-forward",
+                   "--epochs", "12"]
+    cmd = [sys.executable, TRAIN] + args
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -221,9 +223,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     ck = torch.load(run_dir / "checkpoint.pth", weights_only=False)
     done = ck["global_step"]
-    assert 1 <= done < 8
-    assert train_script.main(TINY + ["--data-root", data_root, "--run-dir", str(run_dir), "--no-cams",
-                                     "--pseudo-from-forward", "--resume"]) == 0
+    assert 1 <= done < 48
+    assert train_script.main(args + ["--resume"]) == 0
     rows = [r for r in _rows(str(run_dir)) if "loss" in r]
-    assert [r["step"] for r in rows] == list(range(1, 9))  # nothing lost, nothing repeated
+    assert [r["step"] for r in rows] == list(range(1, 49))  # nothing lost, nothing repeated
     assert all(r["loss_aream"] > 0 for r in rows if r["aream_active"])  # nothing lost, nothing repeated
