@@ -9,7 +9,7 @@ from aream_fast.loss_deferred import DeferredGrads, deferred_aream_loss
 from aream_fast.models import build_model
 from aream_fast.records import AttentionRequest
 from aream_fast.reference import aream_loss_reference
-from _qk_inputs import make_inputs
+from tests._qk_inputs import make_inputs
 
 
 def deferred_with_downstream(qs, ks, labels, *, prefix, layer_weights=None, coef=1.0, first_layer=3):

@@ -5,7 +5,7 @@ import torch
 import aream_fast.loss_tiled as loss_tiled
 from aream_fast import AReAMLoss, aream_loss
 from aream_fast.reference import aream_loss_reference
-from _qk_inputs import make_inputs
+from tests._qk_inputs import make_inputs
 
 
 def reference_from_qk(qs, ks, labels, *, scale, prefix, layer_weights=None):
