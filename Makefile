@@ -23,7 +23,7 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks/ --benchmark-only
 
 profile: $(STAMP)
-	$(PY) scripts/profile_memory.py
+	$(PY) benchmarks/profile_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

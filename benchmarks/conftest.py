@@ -4,7 +4,7 @@
 * Every benchmark JSON carries the machine: device name, CPU model, nproc, torch and triton versions
   (``pytest_benchmark_update_machine_info``), so ``--benchmark-json`` results are self-describing.
 
-Peak memory of a case goes into ``benchmark.extra_info`` (see ``_memory.py``).
+Peak memory of a case goes into ``benchmark.extra_info`` (see ``memory.py``).
 """
 import os
 import sys
@@ -12,9 +12,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # makes ``import _memory`` work from any rootdir
 
-import _memory  # noqa: E402
+from benchmarks import memory  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,4 +22,4 @@ def device() -> str:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info.update(_memory.machine_info())
+    machine_info.update(memory.machine_info())

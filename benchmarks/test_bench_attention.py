@@ -20,8 +20,8 @@ import os
 import pytest
 import torch
 
-import _memory
-from aream_fast.train_step import DEFAULT_SUPERVISED_LAYERS, synthetic_batch
+from benchmarks import memory
+from benchmarks.step_cases import DEFAULT_SUPERVISED_LAYERS, synthetic_batch
 
 _CUDA = torch.cuda.is_available()
 SIZE = int(os.environ.get("AREAM_BENCH_ATTN_SIZE", 448 if _CUDA else 320))
@@ -37,9 +37,9 @@ _times = {}
 
 def build_export_case(provider: str, size: int, batch: int, device: str):
     """Build model + batch for ``provider``; returns a callable running forward + backward once."""
-    from aream_fast.baseline import OfficialMCTformerV2
+    from aream_fast.official.mctformer import OfficialMCTformerV2
     from aream_fast.models import build_model
-    from aream_fast.records import AttentionRequest
+    from aream_fast.models.records import AttentionRequest
 
     torch.manual_seed(0)
     model = build_model(MODEL, num_classes=NUM_CLASSES, img_size=size, drop_path=0.1).to(device).train()
@@ -78,7 +78,7 @@ def _sync():
 
 def _peak(provider: str, device: str):
     if provider not in _peaks:
-        _peaks[provider] = _memory.peak_memory_spawn(
+        _peaks[provider] = memory.peak_memory_spawn(
             build_export_case, dict(provider=provider, size=SIZE, batch=BATCH, device=device))
     return _peaks[provider]
 
@@ -87,7 +87,7 @@ def _peak(provider: str, device: str):
 def test_bench_attention_export(benchmark, device, provider):
     benchmark.group = f"attention export fwd+bwd {MODEL} B={BATCH} {SIZE}px"
     info = benchmark.extra_info
-    info.update(_memory.machine_info())
+    info.update(memory.machine_info())
     info.update(provider=provider, size=SIZE, batch=BATCH, model=MODEL, supervised_layers=list(DEFAULT_SUPERVISED_LAYERS))
     mem = _peak(provider, device)
     if mem["status"] != "ok":

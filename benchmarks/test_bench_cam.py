@@ -1,15 +1,15 @@
 """CAM generation for pseudo labels (spec §3.1 ``gen_msf_cam``), side by side:
 
-* ``official-eager`` -- the official formulation (``aream_fast.models.eager_reference.gen_msf_cam_reference``):
+* ``official-eager`` -- the official formulation (``aream_fast.official.cam.gen_msf_cam_reference``):
   every block returns its (B, H, N, N) logits, ``torch.stack`` of all 12, softmax, head mean, dense class->patch
   map and dense R;
-* ``ours``           -- ``aream_fast.cam.pseudo_label_cams``: fused attention, class rows C x N, refinement as
+* ``ours``           -- ``aream_fast.pseudo_labels.cam.pseudo_label_cams``: fused attention, class rows C x N, refinement as
   attention-apply (SDPA with V = [0; cam]).
 
 Case: mct_deit_small (VOC, K = 20 class tokens), batch 1, scale 1 + flip (2 images per forward), refinement and
 class attention over all 12 layers, train mode with drop_path 0 (deterministic). Sizes 448 and 672 px
 (AREAM_BENCH_CAM_SIZES), AREAM_BENCH_CAM_ROUNDS timed rounds after one warm-up. Peak memory: fresh spawned
-process per case, peak RSS above the post-build RSS (``_memory.peak_memory_spawn``), in extra_info, with the
+process per case, peak RSS above the post-build RSS (``memory.peak_memory_spawn``), in extra_info, with the
 ratios to the official case (mem_vs_official, time_vs_official). Targets at 672 px: memory <= 1/5, time <= 0.6x.
 
 Run: ``.venv/bin/python -m pytest benchmarks/test_bench_cam.py --benchmark-only -s``
@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-import _memory
+from benchmarks import memory
 
 _CUDA = torch.cuda.is_available()
 SIZES = tuple(int(s) for s in os.environ.get("AREAM_BENCH_CAM_SIZES", "448,672").split(","))
@@ -35,9 +35,9 @@ _times = {}
 
 def build_cam_case(provider: str, size: int, device: str):
     """Build model + one image for ``provider``; returns a callable generating the pseudo-label CAMs once."""
-    from aream_fast.cam import pseudo_label_cams
+    from aream_fast.pseudo_labels.cam import pseudo_label_cams
     from aream_fast.models import build_model
-    from aream_fast.models.eager_reference import gen_msf_cam_reference
+    from aream_fast.official.cam import gen_msf_cam_reference
 
     torch.manual_seed(0)
     model = build_model(MODEL, num_classes=NUM_CLASSES, img_size=224, drop_path=0.0).to(device).train()
@@ -56,7 +56,7 @@ def build_cam_case(provider: str, size: int, device: str):
 def _peak(provider: str, size: int, device: str):
     key = (provider, size)
     if key not in _peaks:
-        _peaks[key] = _memory.peak_memory_spawn(build_cam_case, dict(provider=provider, size=size, device=device))
+        _peaks[key] = memory.peak_memory_spawn(build_cam_case, dict(provider=provider, size=size, device=device))
     return _peaks[key]
 
 
@@ -65,7 +65,7 @@ def _peak(provider: str, size: int, device: str):
 def test_bench_cam(benchmark, device, provider, size):
     benchmark.group = f"pseudo-label CAM {MODEL} B=1 scale 1 + flip, 12 layers, {size}px"
     info = benchmark.extra_info
-    info.update(_memory.machine_info())
+    info.update(memory.machine_info())
     info.update(provider=provider, size=size, batch=1, model=MODEL, layers=len(LAYERS))
     mem = _peak(provider, size, device)
     if mem["status"] != "ok":

@@ -4,7 +4,7 @@
   images selecting each image's channels, and the official-style PAR (per-dilation replicate pad + one-hot
   dilated conv, all 48 neighbours stacked into (B, C, 48, H, W) for both the affinity and every propagation
   round), full-resolution upsample + argmax, then the nearest per-patch rule;
-* ``ours`` -- ``aream_fast.pseudo_labels.cams_to_patch_labels(sample_only=True)``: both scores and all images
+* ``ours`` -- ``aream_fast.pseudo_labels.labels.cams_to_patch_labels(sample_only=True)``: both scores and all images
   in one PAR pass over a packed channel list, shifted slices of one padded tensor, P sample points only.
 
 Case: K = 20 (VOC), 2 present classes per image, 224 px (AREAM_BENCH_PL_SIZE), batch AREAM_BENCH_PL_BATCH
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from aream_fast.data.transforms import denormalize
-from aream_fast.par import PAR
-from aream_fast.pseudo_labels import cams_to_patch_labels
+from aream_fast.pseudo_labels.par import PAR
+from aream_fast.pseudo_labels.labels import cams_to_patch_labels
 
 _CUDA = torch.cuda.is_available()
 SIZE = int(os.environ.get("AREAM_BENCH_PL_SIZE", 224))

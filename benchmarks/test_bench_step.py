@@ -1,12 +1,12 @@
 """Full AReAM training step (forward, pseudo labels, loss, backward, AdamW step), side by side:
 
-* ``baseline``   -- the official formulation (aream_fast.baseline), same weights as ours;
+* ``baseline``   -- the official formulation (aream_fast.official.mctformer), same weights as ours;
 * ``ours``       -- default path (pseudo labels from a separate no-grad forward with flip);
 * ``ours-reuse`` -- ``--pseudo-from-forward`` (pseudo labels from the training forward's records);
 * ``limit``      -- the same step with no AReAM (fused attention, classification losses only).
 
 Time: pytest-benchmark (``benchmark.pedantic``, CUDA synchronised inside the timed call). Peak memory: one
-fresh subprocess per mode (``_memory.step_peak_memory``): ``peak_mem_mib`` (CPU peak RSS above the post-build
+fresh subprocess per mode (``memory.step_peak_memory``): ``peak_mem_mib`` (CPU peak RSS above the post-build
 RSS, AdamW state included; CUDA max_memory_allocated) and ``step_peak_mib`` (one steady-state step: CPU live
 tensors from torch.profiler, CUDA max_memory_allocated above the step's start), stored in
 ``benchmark.extra_info`` with the ratios to the baseline and to the limit measured in the same session (time ratios against modes already run in this
@@ -15,15 +15,15 @@ session; the parametrisation runs the baseline first and the limit second).
 Sizes (environment, defaults keep the whole benchmarks/ suite well under 15 min on a 2-core CPU):
 AREAM_BENCH_STEP_SIZE (CPU 224, CUDA 448), AREAM_BENCH_STEP_BATCH (4), AREAM_BENCH_STEP_ROUNDS (CPU 2,
 CUDA 10). Model: mct_deit_small (ViT-S MCTformer-V2, K = 20), supervised layers 7..11.
-The large-size sweep (224..640 px) is scripts/profile_memory.py.
+The large-size sweep (224..640 px) is benchmarks/profile_memory.py.
 """
 import os
 
 import pytest
 import torch
 
-import _memory
-from aream_fast.train_step import DEFAULT_SUPERVISED_LAYERS, build_step_case
+from benchmarks import memory
+from benchmarks.step_cases import DEFAULT_SUPERVISED_LAYERS, build_step_case
 
 _CUDA = torch.cuda.is_available()
 SIZE = int(os.environ.get("AREAM_BENCH_STEP_SIZE", 448 if _CUDA else 224))
@@ -40,7 +40,7 @@ _times = {}  # mode -> median step time (s) measured in this session
 
 def _peak(mode: str, device: str):
     if mode not in _peaks:
-        _peaks[mode] = _memory.step_peak_memory(mode, size=SIZE, batch=BATCH, model=MODEL, num_classes=NUM_CLASSES,
+        _peaks[mode] = memory.step_peak_memory(mode, size=SIZE, batch=BATCH, model=MODEL, num_classes=NUM_CLASSES,
                                                 supervised_layers=DEFAULT_SUPERVISED_LAYERS, steps=1, warmup=1,
                                                 device=device)
     return _peaks[mode]
@@ -50,7 +50,7 @@ def _peak(mode: str, device: str):
 def test_bench_train_step(benchmark, device, mode):
     benchmark.group = f"train_step {MODEL} B={BATCH} {SIZE}px"
     info = benchmark.extra_info
-    info.update(_memory.machine_info())
+    info.update(memory.machine_info())
     info.update(mode=mode, size=SIZE, batch=BATCH, model=MODEL, num_classes=NUM_CLASSES,
                 supervised_layers=list(DEFAULT_SUPERVISED_LAYERS))
     mem = _peak(mode, device)

@@ -9,7 +9,7 @@ Setting: DeiT-S width (H = 6, d = 64), batch 8, fp16, N = 197 / 785 (224 / 448 p
   softmax), ``sdpa`` (``F.scaled_dot_product_attention``), ``triton`` (``flash_attention``, which also writes the
   LSE and the class-token rows).
 * ``apply``: mean_h softmax(Z)[C:, C:] @ values for values (B, 20, P), no grad; providers ``sdpa-padded``
-  (V = [0; values] padded to the head width, the CPU path of aream_fast.attention) and ``triton``
+  (V = [0; values] padded to the head width, the CPU path of aream_fast.models.attention) and ``triton``
   (``attention_apply_triton`` from the saved LSE).
 
 Peak memory: ``torch.cuda.max_memory_allocated`` above the inputs, in ``benchmark.extra_info``.
@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import _memory
+from benchmarks import memory
 
 B, H, D, C, K = 8, 6, 64, 1, 20
 SCALE = D ** -0.5
@@ -56,7 +56,7 @@ def _measure(benchmark, run, base_bytes: int):
     run()
     torch.cuda.synchronize()
     benchmark.extra_info["peak_mem_mib"] = round((torch.cuda.max_memory_allocated() - base_bytes) / 2 ** 20, 2)
-    benchmark.extra_info.update(_memory.machine_info())
+    benchmark.extra_info.update(memory.machine_info())
     benchmark.pedantic(run, rounds=20, warmup_rounds=2, iterations=1)
 
 

@@ -34,7 +34,7 @@ def _inputs(tokens: int, dtype: torch.dtype):
 
 def _step(impl: str, q, k, labels):
     from aream_fast.kernels.aream_loss import aream_loss_triton
-    from aream_fast.reference import aream_loss_reference
+    from aream_fast.official.loss import aream_loss_reference
 
     scale = HEAD_DIM ** -0.5
     if impl == "reference":

@@ -3,7 +3,7 @@
 
 Streams over a dataset split (batch 1, eval mode, every image resized to a square as the official entropy script
 ``ent_voc_mctformer.py`` does, spec §4) and computes per layer, from each layer's q, k only (no N x N matrix kept
-across images; ``aream_fast.entropy``, ``aream_fast.diagnostics``):
+across images; ``aream_fast.analysis.entropy``, ``aream_fast.analysis.diagnostics``):
 
 * the official spatial entropy E_l of the attention-refined CAM -> ``<out>/<label>/entropy.npy`` (+ JSON), the file
   ``scripts/train.py --layer-weights`` reads;
@@ -44,11 +44,11 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from aream_fast.diagnostics import (PER_LAYER_METRICS, DiagnosticsAccumulator,  # noqa: E402
+from aream_fast.analysis.diagnostics import (PER_LAYER_METRICS, DiagnosticsAccumulator,  # noqa: E402
                                     layer_affinity_diagnostics)
-from aream_fast.entropy import (EntropyAccumulator, present_class_cam, refined_cams, save_entropy,  # noqa: E402
+from aream_fast.analysis.entropy import (EntropyAccumulator, present_class_cam, refined_cams, save_entropy,  # noqa: E402
                                 spatial_entropy)
-from aream_fast.records import AttentionRequest  # noqa: E402
+from aream_fast.models.records import AttentionRequest  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -176,7 +176,7 @@ def analyse(model, dataset, *, image_size: int, max_images: Optional[int], eps: 
             desc: str = "") -> Dict[str, Any]:
     """Stream over ``dataset`` (batch 1) and return {"entropy": EntropyAccumulator, "diagnostics":
     DiagnosticsAccumulator, "examples": [...], "n_images", "n_no_label", "grid"}."""
-    from aream_fast.patch_labels import seg_to_patch_labels
+    from aream_fast.pseudo_labels.patch_labels import seg_to_patch_labels
 
     depth = model.depth
     layers = tuple(range(depth))

@@ -7,7 +7,7 @@
         --split train --mask-dir SegmentationClass
 
 npy files: ``<name>.npy`` = pickled dict {"key": int64 (k,) present class indices, "cam": float (k, H, W)}
-(the official / ``aream_fast.cam.save_cam_npy`` format). One pass over the files accumulates the confusion
+(the official / ``aream_fast.pseudo_labels.cam.save_cam_npy`` format). One pass over the files accumulates the confusion
 matrices of every threshold t = start/100 … (stop−1)/100. mIoU = mean over all K+1 classes (official).
 Differences from the official script, on purpose: a missing prediction file is an error (the official one
 silently substitutes the ground truth; only a CAM file of an image without any class label may be absent, as
@@ -34,32 +34,8 @@ from aream_fast.data.classes import dataset_info  # noqa: E402
 from aream_fast.data.dataset import labels_from_mask  # noqa: E402
 from aream_fast.data.image_io import read_mask  # noqa: E402
 from aream_fast.data.layout import DatasetLayoutError, resolve_split  # noqa: E402
-from aream_fast.metrics import ThresholdSweep, confusion_matrix, iou_from_confusion  # noqa: E402
-
-
-def load_cam_npy(path: Path, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Read ``{"key": (k,) int, "cam": (k, H, W) float}`` from ``path``; returns (keys int64, cams float32).
-    A (K, H, W) ``cam`` holding all classes is accepted too (the key rows are taken)."""
-    try:
-        obj = np.load(path, allow_pickle=True)
-        obj = obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == () else obj
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"cannot read CAM file {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(obj, dict) or "key" not in obj or "cam" not in obj:
-        raise ValueError(f"CAM file {path} must hold a dict with 'key' and 'cam', got {type(obj).__name__}"
-                         + (f" with keys {sorted(obj)}" if isinstance(obj, dict) else ""))
-    keys = np.asarray(obj["key"]).reshape(-1).astype(np.int64)
-    cams = np.asarray(obj["cam"], dtype=np.float32)
-    if cams.ndim != 3:
-        raise ValueError(f"CAM file {path}: 'cam' must be (k, H, W), got shape {cams.shape}")
-    if keys.size and (keys.min() < 0 or keys.max() >= num_classes):
-        raise ValueError(f"CAM file {path}: keys {keys.tolist()} outside [0, {num_classes})")
-    if cams.shape[0] != keys.size:
-        if cams.shape[0] == num_classes:
-            cams = cams[keys]
-        else:
-            raise ValueError(f"CAM file {path}: 'cam' has {cams.shape[0]} maps for {keys.size} keys")
-    return keys, cams
+from aream_fast.evaluation.metrics import ThresholdSweep, confusion_matrix, iou_from_confusion  # noqa: E402
+from aream_fast.pseudo_labels.seeds import load_cam_npy  # noqa: E402
 
 
 def _gt_folders(files_root: Path, mask_dir: Path) -> List[Path]:

@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from aream_fast.engine.build import (build_cam_eval_split, build_split, load_model_from_checkpoint,
                                          resolve_data_root)
-    from aream_fast.engine.cams import score_cams, write_cams
+    from aream_fast.evaluation.cams import score_cams, write_cams
     from aream_fast.engine.distributed import barrier, cleanup, init_distributed
 
     info = init_distributed(args.device)

@@ -73,22 +73,17 @@ def test_script_end_to_end_with_compare(tiny_setup):
     assert np.all(sharp < base)
     assert "compare sharp vs base" in res["summary"]
     # the file train.py --layer-weights reads
-    from aream_fast.engine.layer_weights import entropy_layer_weights, load_entropies
-    from aream_fast.entropy import entropy_to_layer_weights
+    from aream_fast.analysis.entropy import load_entropy
 
     for name in ("entropy.npy", "entropy.json"):
-        np.testing.assert_allclose(load_entropies(os.path.join(out, "base", name)), ent)
-    loss_w, refine_w = entropy_to_layer_weights(ent, 2)
-    eng_loss, eng_refine = entropy_layer_weights(ent, 3, 2)
-    np.testing.assert_allclose(loss_w, eng_loss)
-    np.testing.assert_allclose(refine_w, eng_refine)
+        np.testing.assert_allclose(load_entropy(os.path.join(out, "base", name)), ent)
 
 
 def test_script_entropy_matches_library_on_first_image(tiny_setup):
     """The script's per-image entropy equals layer_entropies on the same square-resized image."""
     from aream_fast.data import build_dataset
-    from aream_fast.entropy import layer_entropies
-    from aream_fast.records import AttentionRequest
+    from aream_fast.analysis.entropy import layer_entropies
+    from aream_fast.models.records import AttentionRequest
 
     mod = _script()
     model, config = mod.load_model(tiny_setup["engine"], torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""aream_fast.attention: class->patch rows and attention-apply against materialised attention, and SDPA's
+"""aream_fast.models.attention: class->patch rows and attention-apply against materialised attention, and SDPA's
 memory at a large N (DESIGN.md: V narrower than the head width makes CPU SDPA fall back to N x N)."""
 import json
 import os
@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from aream_fast.attention import Attention, attention_apply, class_patch_attention
+from aream_fast.models.attention import Attention, class_patch_attention
+from aream_fast.pseudo_labels.refine import attention_apply
 
 
 def _dense_mean_softmax(q, k, scale):
@@ -70,7 +71,7 @@ def test_attention_block_matches_dense_and_rejects_unknown_backend():
 _MEMORY_PROBE = r"""
 import json, sys, torch
 torch.set_num_threads(1)
-from aream_fast.attention import attention_apply
+from aream_fast.pseudo_labels.refine import attention_apply
 mode, n, h, d, kk = sys.argv[1], int(sys.argv[2]), 6, 64, 20
 c = 20
 q, k = torch.randn(1, h, n, d), torch.randn(1, h, n, d)
@@ -116,7 +117,7 @@ def test_attention_apply_memory_stays_far_below_n_squared():
 def test_importing_and_running_the_model_does_not_import_triton():
     code = ("import sys, torch\n"
             "from aream_fast.models import build_model\n"
-            "from aream_fast.records import AttentionRequest\n"
+            "from aream_fast.models.records import AttentionRequest\n"
             "m = build_model('mct_deit_small', 3, img_size=32, embed_dim=24, num_heads=2, depth=2,"
             " attention_backend='triton')\n"
             "m(torch.randn(1, 3, 32, 32), AttentionRequest(refine_layers=(0,), class_attention_layers=(0, 1)))\n"
@@ -134,7 +135,7 @@ def test_cuda_backends_match_sdpa(backend):
     if backend == "xformers":
         pytest.importorskip("xformers", reason="xformers is an optional extra")
     from aream_fast.models import build_model
-    from aream_fast.records import AttentionRequest
+    from aream_fast.models.records import AttentionRequest
 
     ref = build_model("mct_deit_small", 5, img_size=64, drop_path=0.0, embed_dim=96, num_heads=3, depth=3).cuda().eval()
     fast = build_model("mct_deit_small", 5, img_size=64, drop_path=0.0, embed_dim=96, num_heads=3, depth=3,

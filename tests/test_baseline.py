@@ -1,4 +1,4 @@
-"""The official-formulation baseline (aream_fast.baseline) runs the SAME weights as our model and computes the
+"""The official-formulation baseline (aream_fast.official.mctformer) runs the SAME weights as our model and computes the
 SAME loss, gradients and pseudo labels as our fused path, given the same weights / inputs / pseudo labels.
 
 Tiny MCTformer (D = 32, 4 blocks, 2 heads, K = 3), drop_path 0 so that both sides are deterministic.
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aream_fast.baseline import (
+from aream_fast.official.mctformer import (
     OfficialMCTformerV2,
     OfficialPAR,
     official_affinity_loss,
@@ -19,7 +19,7 @@ from aream_fast.baseline import (
     official_training_step,
 )
 from aream_fast.models import build_model
-from aream_fast.records import AttentionRequest
+from aream_fast.models.records import AttentionRequest
 
 K, D, DEPTH, HEADS, PATCH = 3, 32, 4, 2, 16
 SUPERVISED = (2, 3)
@@ -67,9 +67,9 @@ def test_twin_loads_our_weights_and_matches_our_forward():
 def test_baseline_loss_and_gradients_equal_reference_and_ours():
     """Same weights, inputs and pseudo labels: official loss on (B, P, P) == aream_loss_reference == ours, and
     one backward gives the same parameter gradients."""
-    from aream_fast.loss import aream_loss
-    from aream_fast.reference import aream_loss_reference
-    from aream_fast.train_step import make_ours_step, ours_training_step
+    from aream_fast.losses.aream import aream_loss
+    from aream_fast.official.loss import aream_loss_reference
+    from benchmarks.step_cases import make_ours_step, ours_training_step
 
     model = _tiny_model().train()
     twin = OfficialMCTformerV2.from_model(model).train()
@@ -108,8 +108,8 @@ def test_baseline_loss_and_gradients_equal_reference_and_ours():
 
 def test_official_seg_to_aff_matches_patch_label_rule():
     """seg_to_aff samples the top-left pixel of each patch: T from it == our seg_to_patch_labels + pair rule."""
-    from aream_fast.patch_labels import seg_to_patch_labels
-    from aream_fast.reference import patch_labels_to_affinity
+    from aream_fast.pseudo_labels.patch_labels import seg_to_patch_labels
+    from aream_fast.official.loss import patch_labels_to_affinity
 
     g = torch.Generator().manual_seed(5)
     seg = torch.randint(0, K + 1, (2, 48, 64), generator=g)
@@ -121,7 +121,7 @@ def test_official_seg_to_aff_matches_patch_label_rule():
 
 
 def test_official_par_matches_ours():
-    from aream_fast.par import PAR
+    from aream_fast.pseudo_labels.par import PAR
 
     g = torch.Generator().manual_seed(7)
     images = torch.randn(2, 3, 40, 36, generator=g) * 50 + 120
@@ -138,10 +138,10 @@ def test_official_fuse_segs_rule():
 def test_official_pseudo_labels_match_ours():
     """gen_msf_cam (materialised, separate forward with flip) == our pseudo_label_cams; the fused pseudo labels
     (two scores, PAR, fusion, patch sampling) agree with the official per-image loop + seg_to_aff."""
-    from aream_fast.cam import pseudo_label_cams
-    from aream_fast.par import PAR
-    from aream_fast.patch_labels import seg_to_patch_labels
-    from aream_fast.pseudo_labels import cams_to_patch_labels
+    from aream_fast.pseudo_labels.cam import pseudo_label_cams
+    from aream_fast.pseudo_labels.par import PAR
+    from aream_fast.pseudo_labels.patch_labels import seg_to_patch_labels
+    from aream_fast.pseudo_labels.labels import cams_to_patch_labels
 
     model = _tiny_model().eval()
     twin = OfficialMCTformerV2.from_model(model).eval()

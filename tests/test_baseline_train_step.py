@@ -1,10 +1,10 @@
-"""aream_fast.train_step: the four benchmark modes build and run one full step on a tiny model, from the same
+"""benchmarks.step_cases: the four benchmark modes build and run one full step on a tiny model, from the same
 weights and batch, and agree where they must (same classification loss; same AReAM loss for baseline vs ours
 when the pseudo labels agree)."""
 import pytest
 import torch
 
-from aream_fast.train_step import STEP_MODES, build_step_case, check_mode, make_ours_step, synthetic_batch
+from benchmarks.step_cases import STEP_MODES, build_step_case, check_mode, make_ours_step, synthetic_batch
 
 TINY = {"embed_dim": 32, "depth": 4, "num_heads": 2}
 

@@ -1,14 +1,15 @@
-"""aream_fast.cam against the official formulation (materialised attention, aream_fast.models.eager_reference):
+"""aream_fast.pseudo_labels.cam against the official formulation (materialised attention, aream_fast.official.cam):
 spec §3.1 (gen_msf_cam), the from-forward variant, and §5.1 (inference seeds + npy format)."""
 import numpy as np
 import pytest
 import torch
 
-from aream_fast.cam import cams_from_output, inference_cam, load_cam_npy, pseudo_label_cams, save_cam_npy
+from aream_fast.pseudo_labels.cam import cams_from_output, inference_cam, pseudo_label_cams
+from aream_fast.pseudo_labels.seeds import load_cam_npy, save_cam_npy
 from aream_fast.models import build_model
-from aream_fast.models.eager_reference import (cams_from_logits_reference, forward_with_logits,
+from aream_fast.official.cam import (cams_from_logits_reference, forward_with_logits,
                                                gen_msf_cam_reference, inference_cam_reference)
-from aream_fast.records import AttentionRequest
+from aream_fast.models.records import AttentionRequest
 
 TINY = dict(embed_dim=48, num_heads=3, depth=4)
 

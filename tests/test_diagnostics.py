@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from aream_fast.diagnostics import DiagnosticsAccumulator, effective_rank, layer_affinity_diagnostics
+from aream_fast.analysis.diagnostics import DiagnosticsAccumulator, effective_rank, layer_affinity_diagnostics
 
 
 def eager_diagnostics(qs, ks, c, scale, labels, topk):
@@ -118,8 +118,8 @@ def test_accumulator_nan_aware():
 
 def test_diagnostics_match_eager_on_tiny_model_image():
     from aream_fast.models import build_model
-    from aream_fast.patch_labels import seg_to_patch_labels
-    from aream_fast.records import AttentionRequest
+    from aream_fast.pseudo_labels.patch_labels import seg_to_patch_labels
+    from aream_fast.models.records import AttentionRequest
 
     model = build_model("mct_deit_small", num_classes=3, img_size=48, drop_path=0.0, embed_dim=24, depth=3,
                         num_heads=2).eval()

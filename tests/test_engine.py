@@ -14,7 +14,8 @@ from torch import nn
 from aream_fast.engine import checkpoint as ck
 from aream_fast.engine.config import OFFICIAL_PRESET, TrainConfig, config_from_args
 from aream_fast.engine.interrupt import GracefulStop
-from aream_fast.engine.layer_weights import entropy_layer_weights, load_entropies
+from aream_fast.analysis.entropy import entropy_to_layer_weights, load_entropy
+from aream_fast.models.records import LayerSplit
 from aream_fast.engine.optim import build_optimizer, param_groups
 from aream_fast.engine.precision import choose_precision
 from aream_fast.engine.run_log import RunLogger, write_manifest
@@ -180,17 +181,18 @@ def test_entropy_layer_weights_npy_and_json(tmp_path):
     np.save(tmp_path / "e.npy", ent)
     (tmp_path / "e.json").write_text(json.dumps({"entropy": ent.tolist()}))
     for name in ("e.npy", "e.json"):
-        loss_w, refine_w = entropy_layer_weights(load_entropies(str(tmp_path / name)), depth=6, layer_index=4)
+        loss_w, refine_w = entropy_to_layer_weights(load_entropy(str(tmp_path / name)), layer_index=4)
         e = (ent - 1.0) / 4.0
         np.testing.assert_allclose(loss_w, e[4:])
         np.testing.assert_allclose(refine_w, 1 - e[:4])
-    with pytest.raises(ValueError, match="one value per model block"):
-        entropy_layer_weights(ent, depth=12, layer_index=7)
+    loss_w, refine_w = entropy_to_layer_weights(ent, layer_index=7 - 2)
+    with pytest.raises(ValueError, match="one value per supervised layer"):
+        LayerSplit.from_depth(12, 7, loss_weights=loss_w, refine_weights=refine_w)
     (tmp_path / "bad.json").write_text(json.dumps({"foo": [1, 2]}))
     with pytest.raises(ValueError, match="entropy"):
-        load_entropies(str(tmp_path / "bad.json"))
+        load_entropy(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match=".npy or .json"):
-        load_entropies(__file__)
+        load_entropy(__file__)
 
 
 # ------------------------------------------------------------------------------------------------ precision

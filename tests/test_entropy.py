@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from aream_fast.entropy import (EntropyAccumulator, entropy_to_layer_weights, layer_entropies, load_entropy,
+from aream_fast.analysis.entropy import (EntropyAccumulator, entropy_to_layer_weights, layer_entropies, load_entropy,
                                 normalise_entropy, save_entropy, spatial_entropy)
 
 
@@ -48,7 +48,7 @@ def test_layer_entropies_match_official_loop_random_qk(num_prefix_tokens, grid, 
 
 def test_layer_entropies_match_official_loop_on_tiny_model():
     from aream_fast.models import build_model
-    from aream_fast.records import AttentionRequest
+    from aream_fast.models.records import AttentionRequest
 
     k_cls = 4
     model = build_model("mct_deit_small", num_classes=k_cls, img_size=32, drop_path=0.0,

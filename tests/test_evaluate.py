@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aream_fast.data import ensure_synthetic, read_mask, write_mask
-from aream_fast.metrics import cam_to_prediction, confusion_matrix, iou_from_confusion
+from aream_fast.evaluation.metrics import cam_to_prediction, confusion_matrix, iou_from_confusion
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"

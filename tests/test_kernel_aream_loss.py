@@ -94,9 +94,9 @@ def test_matches_materialised_reference_fp32(n_layers, batch, heads, n_tokens, d
 
 
 def test_matches_team_reference_on_logits():
-    """Parity with aream_fast.reference.aream_loss_reference (the LOSS engineer's official-form reference on
+    """Parity with aream_fast.official.loss.aream_loss_reference (the LOSS engineer's official-form reference on
     materialised (B, H, N, N) logits), values and gradients, with layer weights and ignored patches."""
-    from aream_fast.reference import aream_loss_reference
+    from aream_fast.official.loss import aream_loss_reference
 
     n_layers, batch, heads, n_tokens, dim, num_prefix = 2, 2, 2, 19, 16, 2
     q, k, labels = _inputs(n_layers, batch, heads, n_tokens, dim, num_prefix, ignore_frac=0.3)
@@ -116,9 +116,9 @@ def test_matches_team_reference_on_logits():
 
 
 def test_public_loss_triton_backend_matches_torch_backend():
-    """aream_fast.loss.aream_loss(backend="triton") routes a list of per-layer (B, H, N, d) tensors to this
+    """aream_fast.losses.aream.aream_loss(backend="triton") routes a list of per-layer (B, H, N, d) tensors to this
     kernel; it must agree with the torch backend. One image is fully ignored (batch-global counts)."""
-    from aream_fast.loss import aream_loss
+    from aream_fast.losses.aream import aream_loss
 
     q, k, labels = _inputs(2, 3, 2, 11, 16, 1)
     labels[1] = IGNORE
@@ -172,7 +172,7 @@ def test_pair_counts_match_bincount_and_team_helper():
         same += int((torch.bincount(labels[b][valid[b]]) ** 2).sum())
     total = int((valid.sum(1) ** 2).sum())
     assert (int(n_pos), int(n_neg)) == (same + 1, total - same + 1)
-    from aream_fast.patch_labels import pair_counts
+    from aream_fast.losses.pairs import pair_counts
 
     team = pair_counts(labels, ignore_index=IGNORE)
     assert (int(n_pos), int(n_neg)) == (int(team[0]), int(team[1]))

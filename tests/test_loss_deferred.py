@@ -3,12 +3,12 @@ reference and aream_loss: values, gradients, edge cases, the model path, and WHE
 import pytest
 import torch
 
-import aream_fast.loss_deferred as loss_deferred
-from aream_fast.loss import aream_loss
-from aream_fast.loss_deferred import DeferredGrads, deferred_aream_loss
+import aream_fast.losses.deferred as loss_deferred
+from aream_fast.losses.aream import aream_loss
+from aream_fast.losses.deferred import DeferredGrads, deferred_aream_loss
 from aream_fast.models import build_model
-from aream_fast.records import AttentionRequest
-from aream_fast.reference import aream_loss_reference
+from aream_fast.models.records import AttentionRequest
+from aream_fast.official.loss import aream_loss_reference
 from tests._qk_inputs import make_inputs
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from aream_fast.reference import aream_loss_reference, patch_labels_to_affinity
+from aream_fast.official.loss import aream_loss_reference, patch_labels_to_affinity
 
 
 def _sig(x):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import aream_fast.loss_tiled as loss_tiled
+import aream_fast.losses.tiled as loss_tiled
 from aream_fast import AReAMLoss, aream_loss
-from aream_fast.reference import aream_loss_reference
+from aream_fast.official.loss import aream_loss_reference
 from tests._qk_inputs import make_inputs
 
 

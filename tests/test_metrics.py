@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from aream_fast.metrics import (ThresholdSweep, average_precision, cam_to_prediction, confusion_matrix,
+from aream_fast.evaluation.metrics import (ThresholdSweep, average_precision, cam_to_prediction, confusion_matrix,
                                 iou_from_confusion, miou_from_confusion, multilabel_map)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from aream_fast.par import PAR, par_offsets, position_weights
+from aream_fast.pseudo_labels.par import PAR, par_offsets, position_weights
 
 DIRS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 

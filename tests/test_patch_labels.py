@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from aream_fast.patch_labels import pair_counts, seg_to_patch_labels
-from aream_fast.reference import patch_labels_to_affinity
+from aream_fast.losses.pairs import pair_counts
+from aream_fast.pseudo_labels.patch_labels import seg_to_patch_labels
+from aream_fast.official.loss import patch_labels_to_affinity
 
 
 def test_seg_to_patch_labels_hand_computed():

@@ -1,4 +1,4 @@
-"""scripts/profile_memory.py: one fresh subprocess per case, peak memory / step time recorded, out-of-memory and
+"""benchmarks/profile_memory.py: one fresh subprocess per case, peak memory / step time recorded, out-of-memory and
 timeouts recorded as such (the curve ends there), CSV + markdown + PNG written. Tiny model (D 32, 4 blocks)."""
 import csv
 import importlib.util
@@ -11,15 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = json.dumps({"embed_dim": 32, "depth": 4, "num_heads": 2})
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("profile_memory_under_test",
-                                                  os.path.join(REPO, "scripts", "profile_memory.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-prof = _load()
+from benchmarks import profile_memory as prof
 
 
 def _args(tmp_path, *extra):

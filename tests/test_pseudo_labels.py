@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from aream_fast.data.transforms import denormalize
-from aream_fast.par import PAR
-from aream_fast.pseudo_labels import cams_to_patch_labels, fuse_segs
+from aream_fast.pseudo_labels.par import PAR
+from aream_fast.pseudo_labels.labels import cams_to_patch_labels, fuse_segs
 
 
 def cam_to_seg_loop(par, imgs_d, labels, cams, score):
@@ -95,7 +95,7 @@ def test_fusion_rule():
 
 @pytest.mark.parametrize("sample_only", [False, True])
 def test_present_only_cams_give_the_same_labels(sample_only):
-    from aream_fast.cam import PresentCAMs, present_classes
+    from aream_fast.pseudo_labels.cam import PresentCAMs, present_classes
 
     B, K, H, W = 3, 6, 48, 32
     g = torch.Generator().manual_seed(8)

@@ -34,13 +34,14 @@ from aream_fast.engine.build import build_cam_eval_split, build_model_from_confi
 from aream_fast.engine.config import TrainConfig, config_json
 from aream_fast.engine.distributed import DistInfo, any_rank, barrier, broadcast_object, cleanup, init_distributed
 from aream_fast.engine.interrupt import GracefulStop
-from aream_fast.engine.layer_weights import entropy_layer_weights, load_entropies
+from aream_fast.analysis.entropy import entropy_to_layer_weights, load_entropy
 from aream_fast.engine.optim import build_optimizer, freeze_unused_parameters
 from aream_fast.engine.precision import Precision, choose_precision, precision_from_name
 from aream_fast.engine.run_log import RunLogger, write_manifest
 from aream_fast.engine.sampling import ResumableBatchSampler, SeededSampleDataset
 from aream_fast.engine.schedule import WarmupCosineSchedule
-from aream_fast.engine.step import AReAMLayout, AReAMStep
+from aream_fast.engine.aream_task import AReAMStep
+from aream_fast.models.records import LayerSplit
 
 RUNS_ROOT = "runs"
 
@@ -168,7 +169,7 @@ class Trainer:
         self.scaler = self.precision.make_scaler(self.device)
         self.par = None
         if cfg.aream:
-            from aream_fast.par import PAR
+            from aream_fast.pseudo_labels.par import PAR
 
             self.par = PAR().to(self.device)
 
@@ -220,14 +221,19 @@ class Trainer:
         else:
             self.log.info(f"torch CPU threads: {torch.get_num_threads()} (load average {load:.1f}, {cores} cores)")
 
-    def _layout(self) -> AReAMLayout:
+    def _layout(self) -> LayerSplit:
         cfg = self.cfg
         depth = int(self.model.depth)
-        layer_index = cfg.derived_layer_index(depth)
+        layer_index = LayerSplit.from_depth(depth, cfg.layer_index).layer_index
         loss_w = refine_w = None
         if cfg.layer_weights is not None:
-            loss_w, refine_w = entropy_layer_weights(load_entropies(cfg.layer_weights), depth, layer_index)
-        layout = AReAMLayout(depth=depth, layer_index=layer_index, loss_weights=loss_w, refine_weights=refine_w)
+            entropy = load_entropy(cfg.layer_weights)
+            if entropy.shape != (depth,):
+                raise ValueError(f"--layer-weights {cfg.layer_weights!r}: one entropy per model block ({depth}) "
+                                 f"expected, got {entropy.size}")
+            loss_w, refine_w = entropy_to_layer_weights(entropy, layer_index)
+        layout = LayerSplit.from_depth(depth, layer_index, loss_weights=loss_w, refine_weights=refine_w)
+        loss_w, refine_w = layout.loss_weights, layout.refine_weights
         self.log.info(f"layers: refine {list(layout.refine_layers)}, supervised {list(layout.supervised_layers)}"
                       f", weights {'entropy' if loss_w else 'uniform'}"
                       + (f" (loss {[round(w, 3) for w in loss_w]}, refine {[round(w, 3) for w in refine_w]})"
@@ -236,7 +242,7 @@ class Trainer:
 
     def _wrap_and_compile(self) -> None:
         cfg = self.cfg
-        from aream_fast.loss import aream_loss
+        from aream_fast.losses.aream import aream_loss
 
         train_model: Any = self.model
         if self.dist.distributed:
@@ -354,7 +360,7 @@ class Trainer:
         """Val mAP (per-image AP of sigmoid(class_logits), averaged; spec §7 selection) on rank 0 only."""
         if not self.dist.is_main:
             return None
-        from aream_fast.engine.evaluation import classification_map
+        from aream_fast.evaluation.classification import classification_map
 
         return classification_map(self.model, self.val_set, batch_size=self.cfg.batch_size, device=self.device,
                                   autocast=lambda: self.precision.autocast(self.device))
@@ -460,7 +466,7 @@ class Trainer:
         """Rank 0: CAMs of ``--cam-split`` from the best checkpoint's weights (else the last), then mIoU."""
         if not self.dist.is_main or not self.cfg.make_cams:
             return None
-        from aream_fast.engine.cams import score_cams, write_cams
+        from aream_fast.evaluation.cams import score_cams, write_cams
 
         best = os.path.join(self.run_dir, ckpt_io.BEST_NAME)
         model = self.model

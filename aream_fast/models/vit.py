@@ -15,7 +15,7 @@ as a 1x1 conv): M = head(patch tokens), patch logits = GAP(M), cam = ReLU(M) det
 same classifier on the cls token (DeiT's classification of the class token). class_attention is None (the
 spec's C == 1 case: no class->patch multiplication).
 
-Every block runs fused attention (``aream_fast.attention``) and the forward exports only the per-layer q, k
+Every block runs fused attention (``aream_fast.models.attention``) and the forward exports only the per-layer q, k
 and the head-mean class->patch rows asked for by an ``AttentionRequest`` (no N x N tensor).
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aream_fast.attention import Attention, check_backend
-from aream_fast.records import AttentionRecords, AttentionRequest, ViTOutput
+from aream_fast.models.attention import Attention, check_backend
+from aream_fast.models.records import AttentionRecords, AttentionRequest, ViTOutput
 
 
 class DropPath(nn.Module):
@@ -239,7 +239,7 @@ class WSSSViT(nn.Module):
             cls_sum: Optional[Tensor] = None
             deferred = None
             if request.defer_loss_grad:
-                from aream_fast.loss_deferred import DeferredGrads
+                from aream_fast.losses.deferred import DeferredGrads
 
                 deferred = DeferredGrads()
             for i, blk in enumerate(self.blocks):

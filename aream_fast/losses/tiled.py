@@ -3,7 +3,7 @@
 Math (DESIGN.md "The one idea"; official loss in spec §2). Per supervised layer l, with merged heads
 ``Q = concat_h q_h[C:]`` and ``K = concat_h k_h[C:]`` (B x P x H*d), the head mean of the pre-softmax
 patch logits is one matmul, ``Zbar = (scale / H) * Q K^T``, and ``S = sigmoid(Zbar)``. With the batch-global
-counts ``n_pos``, ``n_neg`` (``aream_fast.patch_labels.pair_counts``), ``a = 0.5 / n_pos``, ``b = 0.5 / n_neg``
+counts ``n_pos``, ``n_neg`` (``aream_fast.pseudo_labels.patch_labels.pair_counts``), ``a = 0.5 / n_pos``, ``b = 0.5 / n_neg``
 and the per-pair coefficient::
 
     coef_ij = -a  if y_i == y_j (both valid),   +b  if y_i != y_j (both valid),   0  if either is ignored
@@ -45,7 +45,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from aream_fast.patch_labels import pair_counts
+from aream_fast.losses.pairs import pair_counts
 
 __all__ = ["aream_loss_tiled", "tile_rows"]
 
@@ -100,7 +100,7 @@ def _token_rows(x: Tensor) -> Optional[Tensor]:
 
 
 def _validate_op_inputs(qs: Sequence[Tensor], ks: Sequence[Tensor], layer_weights: Tensor) -> None:
-    # The public entry point (aream_fast.loss) validates everything; this only protects direct op calls.
+    # The public entry point (aream_fast.losses.aream) validates everything; this only protects direct op calls.
     if len(qs) == 0 or len(qs) != len(ks) or layer_weights.numel() != len(qs):
         raise ValueError(
             f"aream_fast::aream_loss_tiled needs equally many qs, ks and layer_weights, got "

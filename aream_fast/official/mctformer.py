@@ -1,7 +1,7 @@
 """The official AReAM formulation, written out as a baseline for benchmarks and parity tests.
 
 This module re-implements, on purpose, everything the official code (Jessie459/AReAM, HEAD ``fe708c3``) does
-that makes it slow and memory hungry, so that ``benchmarks/`` and ``scripts/profile_memory.py`` can measure our
+that makes it slow and memory hungry, so that ``benchmarks/`` and ``benchmarks/profile_memory.py`` can measure our
 fused path against it side by side (spec: /work/shared/reference/aream_official_spec.md, referred to as "spec"):
 
 * :class:`OfficialMCTformerV2` -- MCTformer-V2 whose eager attention blocks return their **pre-softmax** logits

@@ -5,7 +5,7 @@
   ``{"key", "cam"}`` content; images without labels are skipped (no file, as officially). Optional PNG
   overlays ``<name>_cls<k>.png`` (JET colormap, 50/50 blend). Shardable over processes (rank::world_size).
 * :func:`score_cams`: read the files back, build predictions for every background threshold in one pass
-  (``aream_fast.metrics.ThresholdSweep``) against the dataset's masks, report the best threshold's mIoU and
+  (``aream_fast.evaluation.metrics.ThresholdSweep``) against the dataset's masks, report the best threshold's mIoU and
   per-class IoU. A missing CAM file for an image with labels is an error (the official evaluate.py silently
   substitutes the ground truth there, spec §10.8).
 """
@@ -43,7 +43,8 @@ def write_cams(model: nn.Module, dataset, out_dir: str, *, scales: Sequence[floa
     """
     from tqdm import tqdm
 
-    from aream_fast.cam import inference_cam, save_cam_npy
+    from aream_fast.pseudo_labels.cam import inference_cam
+    from aream_fast.pseudo_labels.seeds import save_cam_npy
 
     if device is None:
         device = next(model.parameters()).device
@@ -71,7 +72,7 @@ def write_cams(model: nn.Module, dataset, out_dir: str, *, scales: Sequence[floa
 def score_cams(cam_dir: str, dataset, *, thresholds: Optional[Sequence[float]] = None,
                log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """mIoU of the CAM files in ``cam_dir`` against ``dataset``'s masks, for every background threshold in one
-    pass (``aream_fast.metrics.ThresholdSweep``; default thresholds 0.01 .. 0.79 as officially).
+    pass (``aream_fast.evaluation.metrics.ThresholdSweep``; default thresholds 0.01 .. 0.79 as officially).
 
     dataset: native-size items with "mask" (H, W) (0 bg, k+1 class k, 255 ignore), "label" and "name".
     Returns {"mIoU", "threshold", "per_class" {name: IoU}, "num_images", "miou_curve" [(t, mIoU)]}; logs a
@@ -79,8 +80,8 @@ def score_cams(cam_dir: str, dataset, *, thresholds: Optional[Sequence[float]] =
     """
     from tqdm import tqdm
 
-    from aream_fast.cam import load_cam_npy
-    from aream_fast.metrics import ThresholdSweep
+    from aream_fast.pseudo_labels.seeds import load_cam_npy
+    from aream_fast.evaluation.metrics import ThresholdSweep
 
     if not getattr(dataset, "has_masks", True):
         raise ValueError(f"split {getattr(dataset, 'split', '?')!r} has no masks: CAMs cannot be scored")

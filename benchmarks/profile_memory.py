@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory and step time of one full AReAM training step against input size, per mode.
 
-Modes (``aream_fast.train_step``): ``baseline`` (the official formulation), ``ours`` (default path: pseudo
+Modes (``benchmarks.step_cases``): ``baseline`` (the official formulation), ``ours`` (default path: pseudo
 labels from a separate no-grad forward with flip), ``ours-reuse`` (``--pseudo-from-forward``) and ``limit``
 (the same step without AReAM: fused attention, classification losses only).
 
@@ -23,7 +23,7 @@ device, torch and triton versions.
 
 Example (the measurement in benchmarks/RESULTS.md)::
 
-    .venv/bin/python scripts/profile_memory.py --sizes 224 320 448 512 640 --batch 4 --steps 2 \
+    .venv/bin/python benchmarks/profile_memory.py --sizes 224 320 448 512 640 --batch 4 --steps 2 \
         --out docs/figures/memory_step
 """
 from __future__ import annotations
@@ -161,10 +161,10 @@ class ComponentTimer:
 
     def install_module_hooks(self):
         """Wrap the pseudo-label and loss entry points by module attribute (looked up at call time)."""
-        import aream_fast.baseline as baseline
-        import aream_fast.cam as cam
-        import aream_fast.loss as loss
-        import aream_fast.pseudo_labels as pseudo_labels
+        import aream_fast.official.mctformer as baseline
+        import aream_fast.pseudo_labels.cam as cam
+        import aream_fast.losses.aream as loss
+        import aream_fast.pseudo_labels.labels as pseudo_labels
 
         for mod, name, comp in ((cam, "pseudo_label_cams", "pseudo_cam"), (cam, "cams_from_output", "pseudo_cam"),
                                 (pseudo_labels, "cams_to_patch_labels", "par_labels"),
@@ -218,7 +218,7 @@ def run_child(args: argparse.Namespace) -> int:
         with open(args.result_file, "w") as f:
             json.dump(result, f)
 
-    from aream_fast.train_step import build_step_case
+    from benchmarks.step_cases import build_step_case
 
     cuda = device.startswith("cuda")
     timer = None

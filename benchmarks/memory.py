@@ -1,31 +1,23 @@
 """Peak memory of one benchmark case, measured in a fresh subprocess (helper for benchmarks/test_bench_*.py).
 
 A process's peak RSS only grows, so the peak of one case cannot be read inside a pytest process that already
-ran other cases. ``step_peak_memory`` runs the case through ``scripts/profile_memory.py``'s child mode (one
+ran other cases. ``step_peak_memory`` runs the case through ``benchmarks/profile_memory.py``'s child mode (one
 fresh process per case: CPU peak RSS above the post-build RSS, CUDA ``max_memory_allocated`` above the
 post-build allocation; out-of-memory and timeouts come back as a status, not an exception).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 from typing import Dict, Optional, Sequence
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_profile = None
 
 
 def profile_module():
-    """scripts/profile_memory.py imported as a module (it is a script, not part of the package)."""
-    global _profile
-    if _profile is None:
-        path = os.path.join(_REPO, "scripts", "profile_memory.py")
-        spec = importlib.util.spec_from_file_location("aream_profile_memory", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _profile = module
-    return _profile
+    """``benchmarks/profile_memory.py`` (the profiler; a script and a module)."""
+    from benchmarks import profile_memory
+
+    return profile_memory
 
 
 def machine_info() -> Dict[str, str]:

@@ -3,11 +3,11 @@
 The official loss (Jessie459/AReAM, spec §2) applies a sigmoid to the head mean of the pre-softmax
 attention logits of each supervised layer, on the patch-patch block, and penalises it linearly against the
 pair label of the per-patch pseudo labels (1 same, 0 different, ignored if either side is ignored), with
-batch-global counts. ``aream_fast.reference.aream_loss_reference`` is that formulation on materialised
+batch-global counts. ``aream_fast.official.loss.aream_loss_reference`` is that formulation on materialised
 logits; this module computes the same value and gradients from q and k only.
 
 Backends:
-    "torch"  -- tiled PyTorch (``aream_fast.loss_tiled``), any device; works under torch.compile(fullgraph=True).
+    "torch"  -- tiled PyTorch (``aream_fast.losses.tiled``), any device; works under torch.compile(fullgraph=True).
     "triton" -- fused Triton kernel (``aream_fast.kernels.aream_loss``), CUDA tensors; CPU tensors only with
                 TRITON_INTERPRET=1 (slow, for tests).
     "auto"   -- "triton" for CUDA tensors, "torch" otherwise.
@@ -21,7 +21,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from aream_fast.loss_tiled import aream_loss_tiled
+from aream_fast.models.records import as_layer_list
+
+from aream_fast.losses.tiled import aream_loss_tiled
 
 __all__ = ["aream_loss", "AReAMLoss"]
 
@@ -29,26 +31,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("auto", "torch", "triton")
 
 TensorOrSeq = Union[Tensor, Sequence[Tensor]]
-
-
-def _as_layer_list(x: TensorOrSeq, name: str) -> List[Tensor]:
-    if isinstance(x, Tensor):
-        if x.dim() != 5:
-            raise ValueError(
-                f"{name} must be a stacked (L, B, H, N, d) tensor or a sequence of (B, H, N, d) tensors, "
-                f"got a tensor of shape {tuple(x.shape)}"
-            )
-        return list(x.unbind(0))
-    if not isinstance(x, (list, tuple)):
-        raise ValueError(
-            f"{name} must be a stacked (L, B, H, N, d) tensor or a list/tuple of (B, H, N, d) tensors, "
-            f"got {type(x).__name__}"
-        )
-    out = list(x)
-    for i, t in enumerate(out):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name}[{i}] must be a torch.Tensor of shape (B, H, N, d), got {type(t).__name__}")
-    return out
 
 
 def _check_finite(t: Tensor, name: str) -> None:
@@ -73,8 +55,8 @@ def _validate(
     """Check every argument; return (qs list, ks list, int64 labels, (L,) weights tensor)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    q_list = _as_layer_list(qs, "qs")
-    k_list = _as_layer_list(ks, "ks")
+    q_list = list(as_layer_list(qs, "qs"))
+    k_list = list(as_layer_list(ks, "ks"))
     if len(q_list) == 0:
         raise ValueError("qs must hold at least one supervised layer, got an empty sequence")
     if len(q_list) != len(k_list):
@@ -182,7 +164,7 @@ def aream_loss(
         qs, ks: per supervised layer, the pre-scale queries / keys as SDPA takes them: a sequence of L
             (B, H, N, d) tensors or one stacked (L, B, H, N, d) tensor. float16 / bfloat16 / float32 / float64.
         patch_labels: (B, P) integer per-patch labels, P = N - num_prefix_tokens, values >= 0 (0 background,
-            k + 1 class k) or ``ignore_index``. See ``aream_fast.patch_labels.seg_to_patch_labels``.
+            k + 1 class k) or ``ignore_index``. See ``aream_fast.pseudo_labels.patch_labels.seg_to_patch_labels``.
         scale: the attention scale of the model (d ** -0.5): logits are ``scale * q k^T``.
         num_prefix_tokens: C, class / prefix tokens in front of the patches (excluded from the loss).
         layer_weights: None (uniform, official 'U') or L weights (official 'E', entropy); multiplied in,

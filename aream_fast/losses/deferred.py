@@ -12,7 +12,7 @@ are known, :func:`deferred_aream_loss` computes the loss value under ``no_grad``
 layer) and returns it connected to the anchors only. In the backward, the anchor of layer l receives
 dTotal/dLoss; the identity node of layer l runs when the attention backward of layer l has produced the
 gradients of q, k (autograd runs a node once all its outputs' gradients are in), recomputes layer l's
-loss gradient with the tiled torch kernel (``aream_fast.loss_tiled``, three matmuls) and adds it. Only one
+loss gradient with the tiled torch kernel (``aream_fast.losses.tiled``, three matmuls) and adds it. Only one
 layer's dL/dq, dL/dk exists at a time, and never before the backward has freed the deeper layers'
 activations. Cost: one extra q kᵀ matmul per supervised layer (the value), against ``aream_loss``.
 
@@ -56,7 +56,7 @@ class _Slot:
 
 def _layer_grads(q: Tensor, k: Tensor, config: _LossConfig, layer: int) -> Tuple[Tensor, Tensor]:
     """(w_l / L) · dL_l/dq, dL_l/dk of one layer, each (B, H, N, d) in q's dtype (tiled torch kernel)."""
-    from aream_fast.loss_tiled import _aream_loss_tiled_fwd
+    from aream_fast.losses.tiled import _aream_loss_tiled_fwd
 
     weight = torch.tensor([config.weights[layer]], dtype=torch.float64)
     _, dqs, dks = _aream_loss_tiled_fwd([q], [k], config.patch_labels, weight, config.scale,
@@ -153,7 +153,7 @@ def deferred_aream_loss(grads, patch_labels: Tensor, *, scale: Optional[float] =
     Returns a 0-dim tensor (float32; float64 for float64 q, k). Backpropagating through it adds
     ``dTotal/dLoss · dLoss/dq_l`` (and k) to the gradients of the attached q_l, k_l.
     """
-    from aream_fast.loss import aream_loss
+    from aream_fast.losses.aream import aream_loss
 
     records = None
     if not isinstance(grads, DeferredGrads):

@@ -3,7 +3,7 @@
 * ``pseudo_label_cams``: the official ``gen_msf_cam`` (spec §3.1, tools/camutils.py of Jessie459/AReAM).
 * ``cams_from_output``: the same from the records of a forward that already ran (no extra forward, no flip).
 * ``inference_cam``: the official ``--gen_attention_maps`` seeds (spec §5.1, main_voc_mctformer.py).
-* ``save_cam_npy`` / ``load_cam_npy``: the official ``{"key": int64 (k,), "cam": float32 (k, H, W)}`` files.
+* CAM seed files: ``aream_fast.pseudo_labels.seeds``.
 * ``present_classes`` / ``PresentCAMs``: with ``present_only=True`` the two pseudo-label functions keep only each
   image's present classes, packed into M = max_b(#present) channels, from the patch-resolution CAM on: every
   step (class-attention product, refinement, upsampling, min-max) is per channel, so the kept channels are the
@@ -13,7 +13,7 @@
 
 The official code stacks every layer's (B, H, N, N) logits, softmaxes and averages them. Here the
 class->patch rows come from the model's C x N class-row softmax (``AttentionRecords.class_attention``) and
-the refinement ``R cam`` runs as attention with V = [0; cam] (``aream_fast.attention.attention_apply``).
+the refinement ``R cam`` runs as attention with V = [0; cam] (``aream_fast.pseudo_labels.refine.attention_apply``).
 
 Shapes: B batch, K classes (= C class tokens for MCTformer), (H, W) image size, (h, w) patch grid, P = h*w.
 """
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aream_fast.attention import attention_apply
-from aream_fast.records import AttentionRequest, ViTOutput
+from aream_fast.pseudo_labels.refine import attention_apply
+from aream_fast.models.records import AttentionRequest, ViTOutput
 
 MINMAX_EPS = 1e-6  # official per-(b, k) min-max: x <- x - min; x <- x / (max + 1e-6)
 
@@ -315,26 +315,3 @@ def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Se
         model.train(was_training)
     cam = minmax_normalise_(total.contiguous())[0]
     return keys.cpu().numpy().astype(np.int64), cam.cpu().numpy().astype(np.float32)
-
-
-def save_cam_npy(path: Union[str, os.PathLike], keys, cam) -> None:
-    """Write the official seed file: ``np.save(path, {"key": int64 (k,), "cam": float32 (k, H, W)})``."""
-    keys = np.asarray(keys.cpu() if isinstance(keys, Tensor) else keys).astype(np.int64)
-    cam = np.asarray(cam.cpu() if isinstance(cam, Tensor) else cam).astype(np.float32)
-    if keys.ndim != 1 or cam.ndim != 3 or cam.shape[0] != keys.shape[0]:
-        raise ValueError(f"keys must be (k,) and cam (k, H, W) with the same k, got {keys.shape} and {cam.shape}")
-    np.save(path, {"key": keys, "cam": cam})
-
-
-def load_cam_npy(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, np.ndarray]:
-    """Read an official seed file; returns (keys int64 (k,), cam float32 (k, H, W))."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CAM file not found: {path!r}")
-    content = np.load(path, allow_pickle=True)
-    if content.dtype != object or content.shape != ():
-        raise ValueError(f"{path!r} is not a CAM seed file: expected a pickled dict with 'key' and 'cam'")
-    content = content.item()
-    if not isinstance(content, dict) or "key" not in content or "cam" not in content:
-        raise ValueError(f"{path!r} is not a CAM seed file: expected a dict with 'key' and 'cam'")
-    return np.asarray(content["key"]).astype(np.int64), np.asarray(content["cam"]).astype(np.float32)

@@ -2,20 +2,20 @@
 
 DESIGN.md "How we measure": the same step (forward, pseudo labels, loss, backward, optimizer step), measured as
 
-* ``"baseline"``   -- the official formulation (:mod:`aream_fast.baseline`): eager attention returning
+* ``"baseline"``   -- the official formulation (:mod:`aream_fast.official.mctformer`): eager attention returning
   pre-softmax logits, all layers stacked (L, B, H, N, N), loss on materialised (B, P, P) matrices, pseudo
   labels from a separate forward that materialises attention, per-image PAR, ``seg_to_aff``;
-* ``"ours"``       -- our default path, the engine's own step (``aream_fast.engine.step.AReAMStep``): pseudo
-  labels from a separate no-grad forward with flip (``aream_fast.cam.pseudo_label_cams``), batched PAR and
-  per-patch labels (``aream_fast.pseudo_labels.cams_to_patch_labels``), then the training forward exporting q, k
-  of the supervised layers and the fused loss (``aream_fast.loss.aream_loss``);
+* ``"ours"``       -- our default path, the engine's own step (``aream_fast.engine.aream_task.AReAMStep``): pseudo
+  labels from a separate no-grad forward with flip (``aream_fast.pseudo_labels.cam.pseudo_label_cams``), batched PAR and
+  per-patch labels (``aream_fast.pseudo_labels.labels.cams_to_patch_labels``), then the training forward exporting q, k
+  of the supervised layers and the fused loss (``aream_fast.losses.aream.aream_loss``);
 * ``"ours-reuse"`` -- ``--pseudo-from-forward``: pseudo labels from the training forward's own records
-  (``aream_fast.cam.cams_from_output``), no extra forward, no flip;
+  (``aream_fast.pseudo_labels.cam.cams_from_output``), no extra forward, no flip;
 * ``"limit"``      -- the same step with no AReAM at all: fused attention, classification losses only.
 
 :func:`build_step_case` builds a model (random init, or a given one), its optimizer, a synthetic batch and
 returns a :class:`StepCase` whose ``step()`` runs one full training step. The baseline twin
-(:class:`aream_fast.baseline.OfficialMCTformerV2`) is loaded with the same weights as our model.
+(:class:`aream_fast.official.mctformer.OfficialMCTformerV2`) is loaded with the same weights as our model.
 
 Shapes: images (B, 3, S, S) ImageNet-normalised, labels (B, K) multi-hot float.
 """
@@ -45,7 +45,7 @@ def check_mode(mode: str) -> str:
 def make_ours_step(model: nn.Module, *, par: Optional[nn.Module], supervised_layers: Sequence[int],
                    aream: bool = True, pseudo_from_forward: bool = False, aream_weight: float = AREAM_WEIGHT,
                    loss_backend: str = "auto", defer_loss_grad: bool = True):
-    """The engine's own step (``aream_fast.engine.step.AReAMStep``) for modes "ours", "ours-reuse" and, with
+    """The engine's own step (``aream_fast.engine.aream_task.AReAMStep``) for modes "ours", "ours-reuse" and, with
     ``aream=False``, "limit": exactly what ``scripts/train.py`` runs per step (eager, fp32).
 
     ``supervised_layers`` must be the deep layers [layer_index, depth) (official split); refinement uses the
@@ -53,8 +53,9 @@ def make_ours_step(model: nn.Module, *, par: Optional[nn.Module], supervised_lay
     """
     import contextlib
 
-    from aream_fast.engine.step import AReAMLayout, AReAMStep
-    from aream_fast.loss import aream_loss
+    from aream_fast.engine.aream_task import AReAMStep
+    from aream_fast.models.records import LayerSplit
+    from aream_fast.losses.aream import aream_loss
 
     depth = int(model.depth)
     supervised = tuple(int(l) for l in supervised_layers)
@@ -62,7 +63,7 @@ def make_ours_step(model: nn.Module, *, par: Optional[nn.Module], supervised_lay
     if supervised != tuple(range(layer_index, depth)):
         raise ValueError(f"supervised_layers must be the deep layers layer_index..{depth - 1} (official split), "
                          f"got {supervised}")
-    layout = AReAMLayout(depth=depth, layer_index=layer_index)
+    layout = LayerSplit.from_depth(depth, layer_index)
     return AReAMStep(model=model, train_model=model, pseudo_model=None, layout=layout, aream=aream,
                      pseudo_from_forward=pseudo_from_forward, aream_weight=aream_weight, loss_fn=aream_loss,
                      par=par, loss_backend=loss_backend, autocast=contextlib.nullcontext,
@@ -130,7 +131,7 @@ def build_step_case(mode: str, *, model_name: str = "mct_deit_small", img_size: 
     ``attention_backend`` of our model: None picks our Triton flash kernel on CUDA (SDPA for "limit") and SDPA on
     CPU (the loss backend "auto" likewise picks Triton on CUDA), so on a GPU the same benchmark measures the
     Triton path. ``defer_loss_grad`` (ours, ours-reuse): the loss's q/k gradients are made in each supervised
-    layer's backward (``aream_fast.loss_deferred``, the trainer's eager default) or, with False, in the
+    layer's backward (``aream_fast.losses.deferred``, the trainer's eager default) or, with False, in the
     forward with the loss value (``--loss-grad forward``).
     """
     check_mode(mode)
@@ -147,7 +148,7 @@ def build_step_case(mode: str, *, model_name: str = "mct_deit_small", img_size: 
     images, labels = images.to(device), labels.to(device)
     supervised = tuple(int(l) for l in supervised_layers)
     if mode == "baseline":
-        from aream_fast.baseline import OfficialMCTformerV2, OfficialPAR, official_training_step
+        from aream_fast.official.mctformer import OfficialMCTformerV2, OfficialPAR, official_training_step
 
         twin = OfficialMCTformerV2.from_model(model, drop_path=drop_path)
         del model
@@ -162,7 +163,7 @@ def build_step_case(mode: str, *, model_name: str = "mct_deit_small", img_size: 
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
         par = None
         if mode != "limit":
-            from aream_fast.par import PAR
+            from aream_fast.pseudo_labels.par import PAR
 
             par = PAR().to(device)
 

@@ -13,7 +13,7 @@ materialises the N x N attention on the flash path and the loss needs only q and
 N x N is kept for AReAM.
 
 ``apply_aream_to_timm(model, layers, defer_loss_grad=True)`` (eager only) passes the supervised q, k through
-the identity nodes of ``aream_fast.loss_deferred``: ``recorder.loss`` then returns the same loss, whose q / k
+the identity nodes of ``aream_fast.losses.deferred``: ``recorder.loss`` then returns the same loss, whose q / k
 gradients are made inside each supervised block's backward instead of being held from the loss forward to the
 backward (lower peak memory, one extra q kᵀ matmul per layer).
 """
@@ -88,7 +88,7 @@ class AReAMRecorder:
         if not self.defer_loss_grad:
             return q, k
         if self._grads is None or layer == min(self.supervised_layers):  # a new forward starts
-            from aream_fast.loss_deferred import DeferredGrads
+            from aream_fast.losses.deferred import DeferredGrads
 
             self._grads = DeferredGrads()
         return self._grads.attach(layer, q, k)
@@ -125,10 +125,10 @@ class AReAMRecorder:
         ``ignore_index``, ``backend``. Returns the 0-dim loss, differentiable into the model's qkv weights
         (with ``defer_loss_grad``: ``deferred_aream_loss``, the same value and gradients).
         """
-        from aream_fast.loss import aream_loss
+        from aream_fast.losses.aream import aream_loss
 
         if self.defer_loss_grad:
-            from aream_fast.loss_deferred import deferred_aream_loss
+            from aream_fast.losses.deferred import deferred_aream_loss
 
             self._recorded(self._q, "qs")  # same error as the plain path when nothing was recorded
             return deferred_aream_loss(self._grads, patch_labels, scale=self.scale,
@@ -167,7 +167,7 @@ def apply_aream_to_timm(model: nn.Module, supervised_layers: Iterable[int],
         supervised_layers: 0-based block indices whose attention the AReAM loss supervises (official: the
             5 deepest of 12, ``range(7, 12)``).
         defer_loss_grad: make each supervised layer's loss gradient inside that block's backward
-            (``aream_fast.loss_deferred``; lower peak memory; eager only, not under ``torch.compile``).
+            (``aream_fast.losses.deferred``; lower peak memory; eager only, not under ``torch.compile``).
 
     Raises:
         ValueError: ``model`` is not a timm VisionTransformer with ``timm.layers.Attention`` blocks, the layer

@@ -3,19 +3,19 @@
 Per step, with images (B, 3, S, S) normalised and labels (B, K) multi-hot:
 
 1. (default, official) pseudo labels under no_grad from a **separate** forward on [x; flip(x)] with the
-   shallow layers' attention (``aream_fast.cam.pseudo_label_cams`` with ``present_only``: each image's
+   shallow layers' attention (``aream_fast.pseudo_labels.cam.pseudo_label_cams`` with ``present_only``: each image's
    present classes only, the channels the official ``cam_to_seg`` reads; spec §3.1), then PAR + the two background
-   thresholds + per-patch sampling (``aream_fast.pseudo_labels.cams_to_patch_labels``, spec §3.2-3.4; with
+   thresholds + per-patch sampling (``aream_fast.pseudo_labels.labels.cams_to_patch_labels``, spec §3.2-3.4; with
    ``sample_only=True``: the upsampled map is evaluated only at the P pixels the patch labels read -- the same
    labels as the full-resolution argmax, spec §3.4 "Consequence");
 2. training forward with ``AttentionRequest(supervised_layers=layer_index..depth-1)``;
    ``L_cls = MLSM(class_logits, y) + MLSM(patch_logits, y)``;
 3. ``--pseudo-from-forward``: pseudo labels from the training forward's own CAM and records
-   (``aream_fast.cam.cams_from_output``; no extra forward, no flip) instead of step 1;
+   (``aream_fast.pseudo_labels.cam.cams_from_output``; no extra forward, no flip) instead of step 1;
 4. ``total = L_cls + λ · aream_loss(q_l, k_l of the supervised layers, patch_labels, layer_weights)``
    after the ``cls_epochs`` warm-up; ``total = L_cls`` before it and for ``--no-aream``. With
    ``defer_loss_grad`` (the eager default, ``--loss-grad layer``) the same loss comes from
-   ``aream_fast.loss_deferred.deferred_aream_loss``: each layer's q/k gradient is made inside that layer's
+   ``aream_fast.losses.deferred.deferred_aream_loss``: each layer's q/k gradient is made inside that layer's
    backward instead of being held from the forward across the memory peak.
 
 Compile: the training model (possibly DDP-wrapped) and the loss function are compiled separately by the
@@ -31,35 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aream_fast.records import AttentionRequest
-
-
-def classification_loss(class_logits: Tensor, patch_logits: Tensor, labels: Tensor) -> Tensor:
-    """L_cls = MLSM(class_logits, labels) + MLSM(patch_logits, labels) (spec §2 item 2); all (B, K); fp32."""
-    return (F.multilabel_soft_margin_loss(class_logits.float(), labels)
-            + F.multilabel_soft_margin_loss(patch_logits.float(), labels))
-
-
-@dataclass(frozen=True)
-class AReAMLayout:
-    """Which layers do what, for a model of ``depth`` blocks split at ``layer_index`` (official 7 of 12)."""
-
-    depth: int
-    layer_index: int
-    loss_weights: Optional[Tuple[float, ...]] = None  # e_l for the supervised layers ('E'); None = 'U'
-    refine_weights: Optional[Tuple[float, ...]] = None  # 1 - e_l for the refine layers ('E'); None = 'U'
-
-    @property
-    def supervised_layers(self) -> Tuple[int, ...]:
-        return tuple(range(self.layer_index, self.depth))
-
-    @property
-    def refine_layers(self) -> Tuple[int, ...]:
-        return tuple(range(self.layer_index))
-
-    @property
-    def all_layers(self) -> Tuple[int, ...]:
-        return tuple(range(self.depth))
+from aream_fast.losses.classification import classification_loss
+from aream_fast.models.records import AttentionRequest, LayerSplit
 
 
 class AReAMStep:
@@ -68,13 +41,13 @@ class AReAMStep:
     model: the raw ``WSSSViT`` (for attributes and the pseudo-label forward when ``pseudo_model`` is None).
     train_model: what the training forward calls (raw, DDP-wrapped and/or compiled).
     pseudo_model: what the pseudo-label forward calls (raw or compiled raw model; no DDP: no grad, no sync).
-    loss_fn: ``aream_fast.loss.aream_loss`` or its compiled wrapper (same signature).
-    par: ``aream_fast.par.PAR`` instance (on the training device).
+    loss_fn: ``aream_fast.losses.aream.aream_loss`` or its compiled wrapper (same signature).
+    par: ``aream_fast.pseudo_labels.par.PAR`` instance (on the training device).
     autocast: a zero-argument callable returning the autocast context for forwards.
     """
 
     def __init__(self, *, model: nn.Module, train_model: Callable, pseudo_model: Optional[Callable],
-                 layout: AReAMLayout, aream: bool, pseudo_from_forward: bool, aream_weight: float,
+                 layout: LayerSplit, aream: bool, pseudo_from_forward: bool, aream_weight: float,
                  loss_fn: Callable, par: Optional[nn.Module], pseudo_scales: Sequence[float] = (1.0,),
                  bg_low: float = 0.35, bg_high: float = 0.55, loss_backend: str = "auto",
                  autocast: Callable = None, defer_loss_grad: bool = False):
@@ -109,7 +82,7 @@ class AReAMStep:
 
     def pseudo_labels_separate(self, images: Tensor, labels: Tensor) -> Tensor:
         """Official pseudo labels: separate no-grad forward on image + flip (spec §3.1-3.4). -> (B, P) int64."""
-        from aream_fast.cam import pseudo_label_cams
+        from aream_fast.pseudo_labels.cam import pseudo_label_cams
 
         with torch.no_grad(), self.autocast():
             cams = pseudo_label_cams(self.pseudo_model, images, labels, refine_layers=self.layout.refine_layers,
@@ -120,7 +93,7 @@ class AReAMStep:
 
     def _patch_labels(self, images: Tensor, cams, labels: Tensor) -> Tensor:
         """cams: ``PresentCAMs`` (the present classes only, at full resolution) -> (B, P) int64 labels."""
-        from aream_fast.pseudo_labels import cams_to_patch_labels
+        from aream_fast.pseudo_labels.labels import cams_to_patch_labels
 
         with torch.no_grad():
             _, patch_labels = cams_to_patch_labels(images, cams, labels, par=self.par,
@@ -140,7 +113,7 @@ class AReAMStep:
         if not use_aream:
             return loss_cls, terms
         if self.pseudo_from_forward:
-            from aream_fast.cam import cams_from_output
+            from aream_fast.pseudo_labels.cam import cams_from_output
 
             cams = cams_from_output(out, labels, tuple(images.shape[-2:]),
                                     refine_layers=self.layout.refine_layers,
@@ -149,7 +122,7 @@ class AReAMStep:
         rec = out.records
         sup = self.layout.supervised_layers
         if self.defer_loss_grad:
-            from aream_fast.loss_deferred import deferred_aream_loss
+            from aream_fast.losses.deferred import deferred_aream_loss
 
             loss_aff = deferred_aream_loss(rec, patch_labels, layer_weights=self.layout.loss_weights,
                                            backend=self.loss_backend)

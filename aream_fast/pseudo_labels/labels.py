@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cam import PresentCAMs, present_classes
-from .data.transforms import denormalize
+from aream_fast.data.transforms import denormalize
 from .par import PAR
 from .patch_labels import seg_to_patch_labels
 
@@ -63,7 +63,7 @@ def refined_probs(images: Tensor, cams: CAMs, labels: Tensor, *, par: PAR,
     with fewer classes get −inf before the softmax, so they are exactly 0 and never win an argmax.
 
     Args: images (B, 3, H, W) ImageNet-normalised unless ``denormalized``; cams (B, K, H, W), or a
-    :class:`aream_fast.cam.PresentCAMs` already holding only the present classes (``present_only=True``);
+    :class:`aream_fast.pseudo_labels.cam.PresentCAMs` already holding only the present classes (``present_only=True``);
     labels (B, K).
     Returns: refined (B, S, M, H/2, W/2) float32 with S = len(bg_scores), and ids (B, M) int64: the
     segmentation id of each channel (0 = background, k + 1 = class k; padding channels repeat 0). Channel
@@ -134,9 +134,9 @@ def cams_to_patch_labels(images: Tensor, cams: CAMs, labels: Tensor, *, par: PAR
     Args:
         images: (B, 3, H, W) ImageNet-normalised float; H, W multiples of ``patch_size``.
         cams: (B, K, H, W) float CAMs in [0, 1] (absent classes are ignored whatever their value), or a
-            :class:`aream_fast.cam.PresentCAMs` of the present classes only (the same labels).
+            :class:`aream_fast.pseudo_labels.cam.PresentCAMs` of the present classes only (the same labels).
         labels: (B, K) multi-hot image labels (present = nonzero).
-        par: a :class:`aream_fast.par.PAR` module.
+        par: a :class:`aream_fast.pseudo_labels.par.PAR` module.
         bg_low / bg_high: the two constant background scores (official score_l 0.35, score_h 0.55).
         sample_only: evaluate the upsampled map only at the P pixels (patch_size·i, patch_size·j) that
             ``seg_to_patch_labels`` reads (spec §3.4 "Consequence"); same patch labels (up to float rounding of

@@ -11,7 +11,7 @@ Official source: Jessie459/AReAM ``ent_voc_mctformer.py`` (spec §4) and the 'E'
    E_l(img) = −Σ_m p_m log₂ p_m (no epsilon in the MCTformer script);
 E_l = mean over images.
 
-Here F_l is computed by ``aream_fast.attention.attention_apply`` from the layer's q, k (SDPA with
+Here F_l is computed by ``aream_fast.pseudo_labels.refine.attention_apply`` from the layer's q, k (SDPA with
 V = [0; CAM_v]): no N x N matrix is formed (DESIGN.md item 5).
 
 Where p underflows to exactly 0, the official ``p · log₂ p`` is 0 · (−inf) = NaN and poisons the mean. We keep the
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aream_fast.attention import attention_apply
+from aream_fast.pseudo_labels.refine import attention_apply
 
 ENTROPY_NPY = "entropy.npy"
 ENTROPY_JSON = "entropy.json"
@@ -220,19 +220,34 @@ def save_entropy(out_dir: str, entropy: Union[Tensor, np.ndarray], meta: Optiona
 
 
 def load_entropy(path: str) -> np.ndarray:
-    """Read a raw (L,) entropy vector from ``entropy.npy`` (or the official ``ent_voc_*.npy``) or
-    ``entropy.json`` (key "entropy"). Returns float64 (L,)."""
-    if path.endswith(".json"):
-        with open(path) as f:
-            data = json.load(f)
-        if "entropy" not in data:
-            raise ValueError(f"{path}: JSON has no 'entropy' key")
-        e = np.asarray(data["entropy"], dtype=np.float64)
+    """Read a raw (L,) entropy vector (what ``train.py --layer-weights`` takes): ``.npy`` (``entropy.npy`` or
+    the official ``ent_voc_*.npy``) or ``.json`` (a list, or a dict with an "entropy" / "entropies" /
+    "layer_entropy" list). Returns float64 (L,); ``FileNotFoundError`` / ``ValueError`` naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--layer-weights file {path!r} does not exist")
+    if path.endswith(".npy"):
+        values = np.load(path, allow_pickle=False)
+    elif path.endswith(".json"):
+        with open(path) as fh:
+            content = json.load(fh)
+        if isinstance(content, dict):
+            for key in ("entropy", "entropies", "layer_entropy"):
+                if key in content:
+                    content = content[key]
+                    break
+            else:
+                raise ValueError(f"--layer-weights JSON {path!r} is a dict without an 'entropy' or 'entropies' "
+                                 f"key (keys: {sorted(content)})")
+        values = content
     else:
-        e = np.asarray(np.load(path), dtype=np.float64)
-    if e.ndim != 1 or e.size == 0 or not np.all(np.isfinite(e)):
-        raise ValueError(f"{path}: expected a finite 1-D entropy vector, got shape {e.shape}")
-    return e
+        raise ValueError(f"--layer-weights must be a .npy or .json file, got {path!r}")
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(f"--layer-weights {path!r} must hold a 1-D vector of per-layer entropies, "
+                         f"got shape {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"--layer-weights {path!r} holds non-finite entropies: {values.tolist()}")
+    return values
 
 
 def max_entropy(num_patches: int) -> float:

@@ -1,5 +1,5 @@
 """Validation for model selection: multi-label mAP of sigmoid(class_logits) (spec §7 "selection": per-image
-sklearn AP averaged, ``aream_fast.metrics.multilabel_map``). Runs in eval mode on the raw (not compiled, not
+sklearn AP averaged, ``aream_fast.evaluation.metrics.multilabel_map``). Runs in eval mode on the raw (not compiled, not
 DDP) model; the model's previous mode is restored."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 def classification_map(model: nn.Module, dataset, *, batch_size: int, device: torch.device,
                        autocast: Optional[Callable] = None) -> Dict[str, float]:
     """{"mAP": float, "num_images": int} over ``dataset`` (items with "image" (3, S, S) and "label" (K,))."""
-    from aream_fast.metrics import multilabel_map
+    from aream_fast.evaluation.metrics import multilabel_map
 
     was_training = model.training
     model.eval()

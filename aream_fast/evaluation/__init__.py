@@ -1,0 +1,1 @@
+"""Evaluation: confusion-matrix metrics, CAM writing and scoring, classification mAP."""
