@@ -285,3 +285,83 @@ def test_lr_schedule_is_the_official_cosine():
     assert CONFORMER_TRAINING["layer_index"] == 9 and CONFORMER_TRAINING["pseudo_scales"] == (0.5, 1.0, 1.5)
     with pytest.raises(ValueError, match="warmup_steps"):
         conformer_lr_schedule(5e-5, total_steps=10, warmup_steps=10)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Trainer paths: deferred loss gradients, pseudo labels from the training forward, a short training run
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_deferred_loss_grad_equals_direct():
+    from aream_fast import deferred_aream_loss
+
+    model, _ = tiny_pair()
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    patch_labels = torch.randint(0, 3, (2, 24))
+    patch_labels[0, :5] = 255
+    grads = []
+    for defer in (False, True):
+        model.zero_grad()
+        out = model(x, AttentionRequest(supervised_layers=SUPERVISED, defer_loss_grad=defer))
+        rec = out.records
+        if defer:
+            loss = deferred_aream_loss(rec, patch_labels)
+        else:
+            loss = aream_loss([rec.qs[l] for l in SUPERVISED], [rec.ks[l] for l in SUPERVISED], patch_labels,
+                              scale=rec.scale, num_prefix_tokens=1)
+        (loss + out.class_logits.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-7, atol=1e-12, msg=name)
+
+
+def test_cams_from_training_forward_match_dense():
+    from aream_fast import cams_from_output
+
+    model, ref = tiny_pair()
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    labels = labels_for(2)
+    model.eval()
+    ref.eval()
+    out = model(x, AttentionRequest(supervised_layers=SUPERVISED, refine_layers=REFINE))
+    ours = cams_from_output(out, labels, (64, 96), refine_layers=REFINE)
+    _, _, cam, z = ref(x)
+    r = z[:9].softmax(-1).mean(2).mean(0)[:, 1:, 1:]  # (B, P, P) dense, as the official refinement
+    dense = torch.einsum("bmn,bkn->bkm", r, cam.flatten(2)).reshape(cam.shape)
+    dense = torch.nn.functional.interpolate(dense, size=(64, 96), mode="bilinear", align_corners=False).relu()
+    dense = dense - dense.amin(dim=(2, 3), keepdim=True)
+    dense = dense / (dense.amax(dim=(2, 3), keepdim=True) + 1e-6) * labels[:, :, None, None]
+    torch.testing.assert_close(ours.double(), dense, rtol=0, atol=1e-5)
+
+
+def test_short_training_run_end_to_end():
+    """Three official-style steps (1 classification-only, then 2 with AReAM) with the official optimiser groups
+    and per-step schedule: finite losses, every trainable parameter updated, heads at 10x the lr."""
+    model, _ = tiny_pair(drop_path=0.1, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(conformer_param_groups(model), lr=5e-5)
+    lrs = conformer_lr_schedule(5e-5, total_steps=3, warmup_steps=1)
+    par = PAR()
+    x = torch.randn(2, 3, 64, 64)
+    labels = labels_for(2)
+    box = torch.tensor([[0, 64, 0, 48], [0, 64, 0, 64]])
+    for step, lr in enumerate(lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        aream = step >= 1  # cls_epochs
+        patch_labels = conformer_patch_labels(model, x, labels, par=par, img_box=box) if aream else None
+        out = model(x, AttentionRequest(supervised_layers=SUPERVISED) if aream else None)
+        loss = (torch.nn.functional.multilabel_soft_margin_loss(out.class_logits, labels)
+                + torch.nn.functional.multilabel_soft_margin_loss(out.patch_logits, labels))
+        if aream:
+            rec = out.records
+            loss = loss + 0.1 * aream_loss([rec.qs[l] for l in SUPERVISED], [rec.ks[l] for l in SUPERVISED],
+                                           patch_labels, scale=rec.scale, num_prefix_tokens=1)
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert optimizer.param_groups[2]["lr"] == pytest.approx(10 * lrs[-1])
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
