@@ -59,7 +59,8 @@ def build_model(name: str, num_classes: int, img_size: Union[int, Tuple[int, int
             load_conformer_pretrained(model, pretrained)
         return model
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model name {name!r}; choose one of {sorted(MODEL_CONFIGS) + sorted(CONFORMER_CONFIGS)}")
+        choices = sorted(MODEL_CONFIGS) + sorted(CONFORMER_CONFIGS)
+        raise ValueError(f"unknown model name {name!r}; choose one of {choices}")
     bad = sorted(set(overrides) - set(_OVERRIDABLE))
     if bad:
         raise ValueError(f"build_model got unknown keyword arguments {bad}; allowed overrides: {_OVERRIDABLE}")
