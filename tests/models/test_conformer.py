@@ -16,7 +16,8 @@ from aream_fast import PAR, AttentionRequest, aream_loss, build_model, load_pret
 from aream_fast.baseline import OfficialPAR, official_seg_to_aff
 from aream_fast.conformer_cams import (CONFORMER_TRAINING, apply_crop_box, conformer_inference_cam,
                                        conformer_layers, conformer_lr_schedule, conformer_param_groups,
-                                       conformer_patch_labels, conformer_pseudo_label_cams, crop_box_patch_mask)
+                                       conformer_patch_labels, conformer_pseudo_label_cams, conformer_random_crop,
+                                       crop_box_patch_mask)
 from aream_fast.models.conformer import Conformer
 from aream_fast.official.conformer import (OfficialConformer, official_apply_img_box,
                                            official_conformer_gen_msf_cam, official_conformer_inference_cam,
@@ -181,6 +182,18 @@ def test_crop_box_rule_equals_official_box_then_seg_to_aff():
         apply_crop_box(patch, torch.tensor([[0.0, 32, 0, 48], [0, 32, 0, 48]]), (32, 48))
     with pytest.raises(ValueError, match="img_box"):
         apply_crop_box(patch, box[:1], (32, 48))
+
+
+@pytest.mark.parametrize("hw", [(20, 50), (40, 40), (16, 16)])
+def test_random_crop_box_marks_the_image_pixels(hw):
+    for _ in range(5):
+        crop, box = conformer_random_crop(torch.rand(3, *hw) + 0.5, crop_size=32)  # image pixels > 0, pad = 0
+        assert crop.shape == (3, 32, 32)
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[box[0]:box[1], box[2]:box[3]] = True
+        assert torch.equal(crop[0] > 0, inside)
+    with pytest.raises(ValueError, match="crop_size"):
+        conformer_random_crop(torch.rand(3, 8, 8), crop_size=0)
 
 
 # ------------------------------------------------------------------------------------------------------------
