@@ -158,11 +158,14 @@ class Conformer(nn.Module):
     Architecture (official ``Conformer``; Conformer-S = base_channel 64, channel_ratio 4, embed_dim 384, depth
     12, num_heads 6): ``base_channel`` is also the stem width (the official code hard-codes 64 = base_channel);
     tiny test models shrink base_channel / channel_ratio / embed_dim. depth must be a multiple of 3.
+    img_size: the training crop (H, W), kept as ``img_size`` for scripts that read it; nothing depends on it
+    (no position embedding: any multiple of 16 runs).
     """
 
     def __init__(self, num_classes: int, *, patch_size: int = 16, in_chans: int = 3, base_channel: int = 64,
                  channel_ratio: int = 4, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.1, attention_backend: str = "auto") -> None:
+                 mlp_ratio: float = 4.0, drop_path: float = 0.1, attention_backend: str = "auto",
+                 img_size: Union[int, Tuple[int, int]] = 384) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -182,6 +185,7 @@ class Conformer(nn.Module):
         self.depth = int(depth)
         self.num_heads = int(num_heads)
         self.attention_backend = attention_backend
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
         stage_1 = base_channel * channel_ratio
         stage_2, stage_3 = 2 * stage_1, 4 * stage_1
         dw = patch_size // 4

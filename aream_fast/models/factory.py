@@ -38,7 +38,7 @@ def build_model(name: str, num_classes: int, img_size: Union[int, Tuple[int, int
     last block (linear from 0). pretrained: path of a local timm/DeiT checkpoint (``load_pretrained``).
     attention_backend: "auto" (= "sdpa"), "sdpa", "triton" or "xformers" (the latter two CUDA only).
     overrides: architecture fields for tiny test models (embed_dim, depth, num_heads, mlp_ratio, patch_size,
-    in_chans). "conformer_small": img_size is only checked (no position embedding); overrides base_channel,
+    in_chans). "conformer_small": img_size is only checked and kept (no position embedding); overrides base_channel,
     channel_ratio, embed_dim, depth, num_heads, mlp_ratio, in_chans; pretrained: an official-layout Conformer
     checkpoint.
     """
@@ -52,7 +52,7 @@ def build_model(name: str, num_classes: int, img_size: Union[int, Tuple[int, int
         hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if len(hw) != 2 or any(int(v) <= 0 or int(v) % 16 for v in hw):
             raise ValueError(f"img_size must be a positive multiple of 16 (int or (H, W)), got {img_size!r}")
-        model = Conformer(num_classes, drop_path=drop_path, attention_backend=attention_backend,
+        model = Conformer(num_classes, drop_path=drop_path, attention_backend=attention_backend, img_size=hw,
                           **{**CONFORMER_CONFIGS[name], **overrides})
         model.model_name = name
         if pretrained is not None:

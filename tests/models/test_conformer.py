@@ -273,6 +273,7 @@ def test_bad_inputs_raise():
         build_model("conformer_small", K, patch_size=32)
     with pytest.raises(ValueError, match="img_size"):
         build_model("conformer_small", K, img_size=380, **TINY)
+    assert build_model("conformer_small", K, img_size=(384, 256), **TINY).img_size == (384, 256)
     with pytest.raises(ValueError, match="depth"):
         build_model("conformer_small", K, **{**TINY, "depth": 10})
     with pytest.raises(ValueError, match="layer_index"):
