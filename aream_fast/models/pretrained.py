@@ -121,11 +121,16 @@ def adapt_state_dict(model: nn.Module, state: Dict[str, Tensor], path: str = "<s
 
 def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> LoadReport:
     """Load a local timm-layout DeiT/ViT checkpoint into ``model`` with the spec §1.1 rules, strict=False.
+    A ``Conformer`` is loaded by ``aream_fast.models.conformer.load_conformer_pretrained`` (spec §1.2).
 
     Returns a ``LoadReport`` (missing / unexpected / dropped / adapted keys), also logged at INFO level.
     Raises FileNotFoundError for a missing file and ValueError (naming the file) for a file that is not a
     checkpoint or does not fit the architecture.
     """
+    from aream_fast.models.conformer import Conformer, load_conformer_pretrained  # lazy: conformer imports us
+
+    if isinstance(model, Conformer):  # official Conformer layout (spec §1.2)
+        return load_conformer_pretrained(model, path)
     path = os.fspath(path)
     state = read_state_dict(path)
     state, dropped, adapted = adapt_state_dict(model, state, path)

@@ -251,7 +251,7 @@ def cams_from_output(out: ViTOutput, labels: Tensor, image_size: Tuple[int, int]
 
 @torch.no_grad()
 def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Sequence[float] = (1.0,),
-                  flip: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+                  flip: bool = True, flip_after_pad: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Official CAM seeds (spec §5.1, ``generate_attention_maps``), without N x N attention.
 
     Runs in eval mode (the previous mode is restored afterwards). For each scale s (the image bicubic-resized
@@ -261,6 +261,10 @@ def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Se
     present classes, refine with R = mean over ALL layers of Ā_l[C:, C:] (uniform, no entropy weights),
     bilinear to the padded size, crop, flip back, bilinear to (H, W). Sum the views, ReLU, per-class min-max
     (eps 1e-6).
+
+    flip_after_pad: pad first, then flip (the flipped view has its padding on the left), as the official
+    Conformer inference (infer_conformer.py, spec §5.2) does; False (MCTformer, spec §5.1) pads each view on
+    the right.
 
     image (3, H, W) normalised; labels (K,) multi-hot. Returns (keys int64 (k,), cam float32 (k, H, W)) as
     numpy arrays, k = number of present classes (0 if none; the official code then writes no file).
@@ -289,10 +293,12 @@ def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Se
             x = image[None]
             if size != (hh, ww):
                 x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-            if flip:
-                x = torch.cat([x, x.flip(-1)], dim=0)  # the two views share one batch (eval mode: independent)
             pad_h, pad_w = (-size[0]) % ps, (-size[1]) % ps
+            if flip and not flip_after_pad:
+                x = torch.cat([x, x.flip(-1)], dim=0)  # the two views share one batch (eval mode: independent)
             x = F.pad(x, (0, pad_w, 0, pad_h))  # zeros in normalised space, right / bottom
+            if flip and flip_after_pad:
+                x = torch.cat([x, x.flip(-1)], dim=0)
             out = model(x, request)
             rec = out.records
             cam = out.cam.float()
@@ -303,9 +309,11 @@ def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Se
             cam = cam[:, keys]
             cam = attention_apply([rec.qs[layer] for layer in all_layers], [rec.ks[layer] for layer in all_layers],
                                   cam.flatten(2), num_prefix_tokens=c, scale=rec.scale).view(nv, -1, h, w)
-            cam = F.interpolate(cam, size=(size[0] + pad_h, size[1] + pad_w), mode="bilinear",
-                                align_corners=False)[:, :, :size[0], :size[1]]
-            if flip:
+            cam = F.interpolate(cam, size=(size[0] + pad_h, size[1] + pad_w), mode="bilinear", align_corners=False)
+            if flip and flip_after_pad:
+                cam = torch.cat([cam[:1], cam[1:].flip(-1)], dim=0)
+            cam = cam[:, :, :size[0], :size[1]]
+            if flip and not flip_after_pad:
                 cam = torch.cat([cam[:1], cam[1:].flip(-1)], dim=0)
             if size != (hh, ww):
                 cam = F.interpolate(cam, size=(hh, ww), mode="bilinear", align_corners=False)
