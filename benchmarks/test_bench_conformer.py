@@ -12,7 +12,7 @@ Every mode: forward, L = MLSM(cnn) + MLSM(att) [+ 0.1 L_aff], backward, AdamW st
 train mode, drop_path 0.1, same weights (seed 0), K = 20, one crop box with 64 px of padding on the right.
 
 Time: pytest-benchmark (``benchmark.pedantic``, AREAM_BENCH_CONFORMER_ROUNDS rounds after one warm-up).
-Peak memory: fresh spawned process per mode (``_memory.peak_memory_spawn``: peak RSS above the post-build RSS
+Peak memory: fresh spawned process per mode (``memory.peak_memory_spawn``: peak RSS above the post-build RSS
 on CPU, max_memory_allocated on CUDA), over one warm-up and one measured step. Ratios against ``official``
 and ``cls-only`` of the same session are in ``benchmark.extra_info`` and printed.
 
@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-import _memory
+from benchmarks import memory
 
 _CUDA = torch.cuda.is_available()
 SIZE = int(os.environ.get("AREAM_BENCH_CONFORMER_SIZE", 384))
@@ -42,8 +42,8 @@ def build_conformer_case(mode: str, size: int, batch: int, device: str):
     import torch.nn.functional as F
 
     from aream_fast import PAR, AttentionRequest, aream_loss, build_model
-    from aream_fast.baseline import OfficialPAR
-    from aream_fast.conformer_cams import conformer_layers, conformer_param_groups, conformer_patch_labels
+    from aream_fast.official.mctformer import OfficialPAR
+    from aream_fast.pseudo_labels.conformer import conformer_layers, conformer_param_groups, conformer_patch_labels
     from aream_fast.official.conformer import OfficialConformer, official_conformer_training_step
 
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def build_conformer_case(mode: str, size: int, batch: int, device: str):
 
 def _peak(mode: str, device: str):
     if mode not in _peaks:
-        _peaks[mode] = _memory.peak_memory_spawn(build_conformer_case,
+        _peaks[mode] = memory.peak_memory_spawn(build_conformer_case,
                                                  dict(mode=mode, size=SIZE, batch=BATCH, device=device), repeats=2)
     return _peaks[mode]
 
@@ -97,7 +97,7 @@ def _peak(mode: str, device: str):
 def test_bench_conformer_step(benchmark, device, mode):
     benchmark.group = f"conformer_small train step B={BATCH} {SIZE}px (pseudo labels 0.5/1/1.5 + flip)"
     info = benchmark.extra_info
-    info.update(_memory.machine_info())
+    info.update(memory.machine_info())
     info.update(mode=mode, size=SIZE, batch=BATCH, model="conformer_small", num_classes=NUM_CLASSES)
     mem = _peak(mode, device)
     if mem["status"] != "ok":

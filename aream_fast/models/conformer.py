@@ -10,7 +10,7 @@ the official Conformer's (networks/conformer.py of Jessie459/AReAM, which follow
 (``load_conformer_pretrained``).
 
 Transformer layer l (0-based, l = 0..depth-1) is ``trans_1`` for l = 0 and ``conv_trans_{l+1}.trans_block``
-otherwise; it runs the fused attention of ``aream_fast.attention`` and hands its q, k to the caller when an
+otherwise; it runs the fused attention of ``aream_fast.models.attention`` and hands its q, k to the caller when an
 ``AttentionRequest`` asks for them.
 
 Shapes: B batch, K classes, (H, W) image size (multiples of the patch size 16), (h, w) = (H/16, W/16) token
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aream_fast.attention import check_backend
+from aream_fast.models.attention import check_backend
 from aream_fast.models.pretrained import LoadReport, logger, read_state_dict
 from aream_fast.models.vit import Block, WSSSViT
-from aream_fast.records import AttentionRecords, AttentionRequest, ViTOutput
+from aream_fast.models.records import AttentionRecords, AttentionRequest, ViTOutput
 
 CONV_BN_EPS = 1e-6  # BatchNorm eps in the bottleneck blocks and FCU up (the stem BN keeps PyTorch's 1e-5)
 
@@ -274,7 +274,7 @@ class Conformer(nn.Module):
         if request is not None:
             self._check_request(request)
             if request.defer_loss_grad:
-                from aream_fast.loss_deferred import DeferredGrads
+                from aream_fast.losses.deferred import DeferredGrads
 
                 deferred = DeferredGrads()
         qs: Dict[int, Tensor] = {}

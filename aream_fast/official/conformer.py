@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aream_fast.baseline import (OfficialBlock, OfficialPAR, official_affinity_loss, official_cam_to_seg,
+from aream_fast.official.mctformer import (OfficialBlock, OfficialPAR, official_affinity_loss, official_cam_to_seg,
                                  official_fuse_segs, official_seg_to_aff)
 from aream_fast.models.conformer import ConvBlock, FCUDown, FCUUp
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from aream_fast import PAR, AttentionRequest, aream_loss, build_model, load_pretrained
-from aream_fast.baseline import OfficialPAR, official_seg_to_aff
-from aream_fast.conformer_cams import (CONFORMER_TRAINING, apply_crop_box, conformer_inference_cam,
+from aream_fast.official.mctformer import OfficialPAR, official_seg_to_aff
+from aream_fast.pseudo_labels.conformer import (CONFORMER_TRAINING, apply_crop_box, conformer_inference_cam,
                                        conformer_layers, conformer_lr_schedule, conformer_param_groups,
                                        conformer_patch_labels, conformer_pseudo_label_cams, conformer_random_crop,
                                        crop_box_patch_mask)
@@ -22,7 +22,7 @@ from aream_fast.models.conformer import Conformer
 from aream_fast.official.conformer import (OfficialConformer, official_apply_img_box,
                                            official_conformer_gen_msf_cam, official_conformer_inference_cam,
                                            official_conformer_pseudo_affinity)
-from aream_fast.reference import patch_labels_to_affinity
+from aream_fast.official.loss import patch_labels_to_affinity
 
 K = 5
 TINY = dict(base_channel=4, channel_ratio=1, embed_dim=16, num_heads=2)

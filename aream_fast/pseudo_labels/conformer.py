@@ -3,8 +3,8 @@
 The Conformer has one class token, so the CAM path is the spec §3.1 one-class-token path: no class->patch
 product, the patch block is [1:, 1:], and the cam is the raw (not ReLU'd) CNN map. The functions here set the
 Conformer's official values (main_voc_conformer.py, config.py, infer_conformer.py of Jessie459/AReAM) on top
-of the shared pieces: ``aream_fast.cam.pseudo_label_cams`` (multi-scale + flip CAMs, refinement by
-``attention_apply``), ``aream_fast.pseudo_labels.cams_to_patch_labels`` (PAR, the two background scores,
+of the shared pieces: ``aream_fast.pseudo_labels.cam.pseudo_label_cams`` (multi-scale + flip CAMs, refinement by
+``attention_apply``), ``aream_fast.pseudo_labels.labels.cams_to_patch_labels`` (PAR, the two background scores,
 fusion, patch sampling).
 
 * ``conformer_pseudo_label_cams``: ``gen_msf_cam`` at scales 0.5 / 1 / 1.5 with flips, refinement over
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from aream_fast import cams_to_patch_labels, inference_cam, pseudo_label_cams
-from aream_fast.cam import LayerWeights
+from aream_fast.pseudo_labels.cam import LayerWeights
 
 CONFORMER_LAYER_INDEX = 9  # loss on layers 9..11, refinement on 0..8 (main_voc_conformer.sh)
 CONFORMER_PSEUDO_SCALES = (0.5, 1.0, 1.5)  # main_voc_conformer.py: gen_msf_cam(scales=[0.5, 1.0, 1.5])
@@ -56,7 +56,7 @@ def conformer_layers(depth: int = 12, layer_index: int = CONFORMER_LAYER_INDEX) 
 def conformer_pseudo_label_cams(model: nn.Module, images: Tensor, labels: Tensor, *,
                                 layer_index: int = CONFORMER_LAYER_INDEX, refine_weights: LayerWeights = None,
                                 scales: Sequence[float] = CONFORMER_PSEUDO_SCALES, present_only: bool = False):
-    """Official Conformer ``gen_msf_cam`` (spec §3.1, one class token) via ``aream_fast.cam.pseudo_label_cams``.
+    """Official Conformer ``gen_msf_cam`` (spec §3.1, one class token) via ``aream_fast.pseudo_labels.cam.pseudo_label_cams``.
 
     The model stays in its mode (officially train: BN uses and updates the statistics of each [x_s; flip(x_s)]
     batch). images (B, 3, H, W) normalised, H/2 and 3H/2 (and W) multiples of 16 for the default scales (384
@@ -138,7 +138,7 @@ def conformer_inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *,
                             scales: Sequence[float] = CONFORMER_INFERENCE_SCALES,
                             flip: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """infer_conformer.py seeds for one image (spec §5.2), without N x N attention, via
-    ``aream_fast.cam.inference_cam(flip_after_pad=True)``.
+    ``aream_fast.pseudo_labels.cam.inference_cam(flip_after_pad=True)``.
 
     Eval mode (restored afterwards). Per scale s: the image bicubic-resized to (int(sH), int(sW)) (the
     official code resizes the PIL image, so s != 1 is close to, not bit-equal to, it), zero-padded right/bottom
