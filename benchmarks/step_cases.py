@@ -54,8 +54,9 @@ def make_ours_step(model: nn.Module, *, par: Optional[nn.Module], supervised_lay
     import contextlib
 
     from aream_fast.engine.aream_task import AReAMStep
-    from aream_fast.models.records import LayerSplit
     from aream_fast.losses.aream import aream_loss
+    from aream_fast.models.records import LayerSplit
+    from aream_fast.pseudo_labels.labeler import PseudoLabeler
 
     depth = int(model.depth)
     supervised = tuple(int(l) for l in supervised_layers)
@@ -63,11 +64,14 @@ def make_ours_step(model: nn.Module, *, par: Optional[nn.Module], supervised_lay
     if supervised != tuple(range(layer_index, depth)):
         raise ValueError(f"supervised_layers must be the deep layers layer_index..{depth - 1} (official split), "
                          f"got {supervised}")
-    layout = LayerSplit.from_depth(depth, layer_index)
-    return AReAMStep(model=model, train_model=model, pseudo_model=None, layout=layout, aream=aream,
-                     pseudo_from_forward=pseudo_from_forward, aream_weight=aream_weight, loss_fn=aream_loss,
-                     par=par, loss_backend=loss_backend, autocast=contextlib.nullcontext,
-                     defer_loss_grad=defer_loss_grad)
+    labeler = None
+    if aream:
+        if par is None:
+            raise ValueError("par must be a PAR module when aream=True")
+        labeler = PseudoLabeler(LayerSplit.from_depth(depth, layer_index), par=par, patch_size=model.patch_size)
+    return AReAMStep(train_model=model, pseudo_model=model, labeler=labeler, pseudo_from_forward=pseudo_from_forward,
+                     aream_weight=aream_weight, loss_fn=aream_loss, loss_backend=loss_backend,
+                     autocast=contextlib.nullcontext, defer_loss_grad=defer_loss_grad)
 
 
 def ours_training_step(areamstep, optimizer: Optional[torch.optim.Optimizer], images: Tensor,
@@ -81,8 +85,8 @@ def ours_training_step(areamstep, optimizer: Optional[torch.optim.Optimizer], im
     if optimizer is not None:
         optimizer.step()
     out = {"loss": total.detach(), "loss_cls": terms["loss_cls"]}
-    if "loss_aream" in terms:
-        out["loss_aff"] = terms["loss_aream"]
+    if "loss_aff" in terms:
+        out["loss_aff"] = terms["loss_aff"]
     return out
 
 

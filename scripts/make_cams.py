@@ -55,16 +55,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = init_distributed(args.device)
     try:
         model, cfg = load_model_from_checkpoint(args.checkpoint, info.device)
+        data = cfg.data
         if args.data_root is not None:
-            cfg.data_root = args.data_root
-        cfg.skip_bad_images = args.skip_bad_images or cfg.skip_bad_images
-        split = args.split or cfg.cam_split
-        root = resolve_data_root(cfg, create=False)
+            data.data_root = args.data_root
+        data.skip_bad_images = args.skip_bad_images or data.skip_bad_images
+        split = args.split or cfg.cams.cam_split
+        root = resolve_data_root(data, create=False)
         if args.eval:
-            dataset = build_cam_eval_split(cfg, root, split, mask_dir=args.mask_dir)
+            dataset = build_cam_eval_split(data, root, split, mask_dir=args.mask_dir)
             print(f"scoring against {dataset.files.mask_dir}", flush=True)
         else:
-            dataset = build_split(cfg, root, split, train=False, native_size=True)
+            dataset = build_split(data, root, split, train=False, native_size=True)
         out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"cams_{split}")
         n = write_cams(model, dataset, out_dir, scales=scales, flip=args.flip, device=info.device,
                        overlays=args.overlays, rank=info.rank, world_size=info.world_size,

@@ -1,5 +1,6 @@
 """Engine pieces that need no model: config, schedule, optimizer groups, checkpoints, RNG, sampling, layer
 weights, precision choice, graceful stop, run logging."""
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from aream_fast.engine import checkpoint as ck
-from aream_fast.engine.config import OFFICIAL_PRESET, TrainConfig, config_from_args
+from aream_fast.engine.config import OFFICIAL_PRESET, TrainConfig, build_parser, config_from_args
 from aream_fast.engine.interrupt import GracefulStop
 from aream_fast.analysis.entropy import entropy_to_layer_weights, load_entropy
 from aream_fast.models.records import LayerSplit
@@ -26,16 +27,39 @@ from aream_fast.engine.schedule import WarmupCosineSchedule
 # ------------------------------------------------------------------------------------------------- config
 def test_config_defaults_and_official_preset():
     cfg = config_from_args([])
-    assert cfg.dataset == "synthetic" and cfg.aream and not cfg.amp
-    assert cfg.derived_layer_index(12) == 7  # official 7 of 12
-    assert cfg.derived_layer_index(6) == 4
+    assert cfg.data.dataset == "synthetic" and cfg.aream.aream and not cfg.precision.amp
+    assert LayerSplit.from_depth(12).layer_index == 7  # official 7 of 12
+    assert LayerSplit.from_depth(6).layer_index == 4
     off = config_from_args(["--preset", "official", "--data-root", "x"])
+    flat = off.flat()
     for key, value in OFFICIAL_PRESET.items():
-        assert getattr(off, key) == value, key
+        assert flat[key] == value, key
     # explicit flags win over the preset
     off2 = config_from_args(["--preset", "official", "--epochs", "20", "--data-root", "x"])
-    assert off2.epochs == 20 and off2.batch_size == 64
+    assert off2.optim.epochs == 20 and off2.optim.batch_size == 64
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # the flat config of checkpoints written before the sections existed
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.flat()))) == cfg
+
+
+def test_config_file_json_and_toml_under_explicit_flags(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"optim": {"lr": 0.5, "epochs": 7}, "seed": 3}))
+    (tmp_path / "c.toml").write_text("[optim]\nlr = 0.25\n[run]\nseed = 5\n")
+    cfg = config_from_args(["--config", str(tmp_path / "c.json"), "--seed", "4"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.run.seed) == (0.5, 7, 4)
+    cfg = config_from_args(["--config", str(tmp_path / "c.toml")])
+    assert (cfg.optim.lr, cfg.run.seed) == (0.25, 5)
+    (tmp_path / "bad.json").write_text(json.dumps({"optim": {"nope": 1}}))
+    with pytest.raises(SystemExit):
+        config_from_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_every_field_has_one_flag_and_help():
+    parser_flags = {a.dest: a for a in build_parser()._actions}
+    for section_cls in TrainConfig.sections().values():
+        for f in dataclasses.fields(section_cls):
+            assert f.name in parser_flags, f.name
+            assert f.metadata.get("help"), f.name
 
 
 @pytest.mark.parametrize("argv, word", [
@@ -52,7 +76,7 @@ def test_config_rejects_bad_values(argv, word, capsys):
 
 def test_layer_index_out_of_range():
     with pytest.raises(ValueError, match="layer_index"):
-        TrainConfig(layer_index=6).derived_layer_index(6)
+        LayerSplit.from_depth(6, 6)
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -220,13 +244,13 @@ def test_graceful_stop_sets_flag_and_restores_handler():
 def test_run_logger_csv_jsonl_and_manifest(tmp_path):
     log = RunLogger(str(tmp_path), use_tensorboard=False)
     log.log_metrics({"step": 1, "loss": 0.5}, step=1)
-    log.log_metrics({"step": 2, "loss": 0.4, "loss_aream": torch.tensor(0.1)}, step=2)
+    log.log_metrics({"step": 2, "loss": 0.4, "loss_aff": torch.tensor(0.1)}, step=2)
     log.info("hello")
     log.close()
     lines = (tmp_path / "metrics.csv").read_text().strip().splitlines()
-    assert lines[0] == "step,loss,loss_aream" and len(lines) == 3
+    assert lines[0] == "step,loss,loss_aff" and len(lines) == 3
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[1]["loss_aream"] == pytest.approx(0.1)
+    assert rows[1]["loss_aff"] == pytest.approx(0.1)
     assert "hello" in (tmp_path / "train.log").read_text()
     path = write_manifest(str(tmp_path), TrainConfig().to_dict(), device=torch.device("cpu"), world_size=1,
                           precision="fp32", precision_reason="test")

@@ -78,10 +78,10 @@ def test_train_end_to_end_writes_checkpoints_cams_and_miou(data_root, tmp_path):
     assert any(f.endswith(".png") for f in os.listdir(os.path.join(run_dir, "cams_val")))
     rows = _rows(run_dir)
     aream_rows = [r for r in rows if r.get("aream_active") == 1]
-    assert len(aream_rows) == 4 and all(r["loss_aream"] > 0 for r in aream_rows)
-    assert all("loss_aream" not in r for r in rows if r.get("aream_active") == 0)
+    assert len(aream_rows) == 4 and all(r["loss_aff"] > 0 for r in aream_rows)
+    assert all("loss_aff" not in r for r in rows if r.get("aream_active") == 0)
     manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
-    assert manifest["layer_index"] == 2 and manifest["config"]["seed"] == 3
+    assert manifest["layer_index"] == 2 and manifest["config"]["run"]["seed"] == 3
 
     # make_cams.py on the best checkpoint reproduces the same files and scores them
     out = str(tmp_path / "cams2")
@@ -197,7 +197,7 @@ def test_torchrun_two_processes_gloo(data_root, tmp_path):
     assert manifest["world_size"] == 2 and manifest["steps_per_epoch"] == 2
     rows = [r for r in _rows(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rank 0 logs; steps 3-4 run the AReAM term under DDP
-    assert all(np.isfinite(r["loss"]) for r in rows) and "loss_aream" in rows[-1]
+    assert all(np.isfinite(r["loss"]) for r in rows) and "loss_aff" in rows[-1]
     assert os.path.isfile(os.path.join(run_dir, "checkpoint.pth"))
 
 
@@ -227,4 +227,4 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path):
     assert train_script.main(args + ["--resume"]) == 0
     rows = [r for r in _rows(str(run_dir)) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 49))  # nothing lost, nothing repeated
-    assert all(r["loss_aream"] > 0 for r in rows if r["aream_active"])  # nothing lost, nothing repeated
+    assert all(r["loss_aff"] > 0 for r in rows if r["aream_active"])  # nothing lost, nothing repeated

@@ -1,6 +1,6 @@
-"""Training / evaluation engine: config, checkpoint + resume, schedule, precision, DDP, logging, the AReAM
-step, the training loop, CAM writing and scoring. ``scripts/train.py`` and ``scripts/make_cams.py`` are thin
-wrappers around :func:`aream_fast.engine.trainer.run` and :mod:`aream_fast.evaluation.cams`."""
+"""Training engine: a task-agnostic :class:`Trainer` that runs a :class:`~aream_fast.engine.task.Task`
+(stage one: ``aream_task.AReAMTask``), its config sections and command line, checkpoint + resume, schedule,
+precision, DDP, logging. ``scripts/train.py`` is a thin wrapper around :func:`aream_fast.engine.trainer.run`."""
 from aream_fast.engine.config import OFFICIAL_PRESET, TrainConfig, build_parser, config_from_args
 
 __all__ = ["OFFICIAL_PRESET", "TrainConfig", "build_parser", "config_from_args", "run", "Trainer"]

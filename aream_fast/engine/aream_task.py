@@ -1,138 +1,278 @@
-"""One AReAM training step (spec §2), as the engine runs it.
+"""Stage one as a :class:`~aream_fast.engine.task.Task`: an AReAM classifier trained from image-level labels.
 
-Per step, with images (B, 3, S, S) normalised and labels (B, K) multi-hot:
+One step (docs/semantics.md, "Training step"), images (B, 3, S, S) normalised, labels (B, K) multi-hot:
 
 1. (default, official) pseudo labels under no_grad from a **separate** forward on [x; flip(x)] with the
-   shallow layers' attention (``aream_fast.pseudo_labels.cam.pseudo_label_cams`` with ``present_only``: each image's
-   present classes only, the channels the official ``cam_to_seg`` reads; spec §3.1), then PAR + the two background
-   thresholds + per-patch sampling (``aream_fast.pseudo_labels.labels.cams_to_patch_labels``, spec §3.2-3.4; with
-   ``sample_only=True``: the upsampled map is evaluated only at the P pixels the patch labels read -- the same
-   labels as the full-resolution argmax, spec §3.4 "Consequence");
-2. training forward with ``AttentionRequest(supervised_layers=layer_index..depth-1)``;
+   shallow layers' attention, PAR, the two background scores and patch sampling
+   (:class:`aream_fast.pseudo_labels.labeler.PseudoLabeler`);
+2. the training forward exports the supervised layers' q, k (``LayerSplit.supervised_layers``);
    ``L_cls = MLSM(class_logits, y) + MLSM(patch_logits, y)``;
-3. ``--pseudo-from-forward``: pseudo labels from the training forward's own CAM and records
-   (``aream_fast.pseudo_labels.cam.cams_from_output``; no extra forward, no flip) instead of step 1;
-4. ``total = L_cls + λ · aream_loss(q_l, k_l of the supervised layers, patch_labels, layer_weights)``
-   after the ``cls_epochs`` warm-up; ``total = L_cls`` before it and for ``--no-aream``. With
-   ``defer_loss_grad`` (the eager default, ``--loss-grad layer``) the same loss comes from
-   ``aream_fast.losses.deferred.deferred_aream_loss``: each layer's q/k gradient is made inside that layer's
-   backward instead of being held from the forward across the memory peak.
+3. ``--pseudo-from-forward``: pseudo labels from the training forward's own CAM and records instead of step 1;
+4. ``total = L_cls + λ · loss_aff`` after the ``cls_epochs`` warm-up (``total = L_cls`` before it and for
+   cls-only runs). With deferred gradients (the eager default, ``--loss-grad layer``) ``loss_aff`` comes from
+   ``aream_fast.losses.deferred``: each layer's q/k gradient is made inside that layer's backward.
 
-Compile: the training model (possibly DDP-wrapped) and the loss function are compiled separately by the
-trainer; pseudo-label computation runs outside those graphs. Shapes are fixed per phase (drop_last), so each
-graph compiles once.
+Compile: the training model (possibly DDP-wrapped) and the loss function are compiled separately; the
+pseudo-label forward gets its own compiled graph. Shapes are fixed per phase (drop_last): each graph compiles
+once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aream_fast.engine.build import (build_cam_eval_split, build_model_from_config, build_split,
+                                     resolve_data_root)
+from aream_fast.engine.config import TrainConfig
+from aream_fast.engine.distributed import barrier
+from aream_fast.engine.task import Task, TaskContext
 from aream_fast.losses.classification import classification_loss
-from aream_fast.models.records import AttentionRequest, LayerSplit
+from aream_fast.models.records import LayerSplit
+from aream_fast.pseudo_labels.labeler import IGNORE_INDEX, PseudoLabeler
 
 
 class AReAMStep:
-    """Computes the total loss of one step. ``__call__(images, labels, aream_active) -> (total, terms)``.
+    """The loss of one step: ``__call__(images, labels, aream_active) -> (total, terms)``.
 
-    model: the raw ``WSSSViT`` (for attributes and the pseudo-label forward when ``pseudo_model`` is None).
     train_model: what the training forward calls (raw, DDP-wrapped and/or compiled).
-    pseudo_model: what the pseudo-label forward calls (raw or compiled raw model; no DDP: no grad, no sync).
+    pseudo_model: what the separate pseudo-label forward calls (raw or compiled raw model; no DDP).
+    labeler: the :class:`PseudoLabeler`, or None for a cls-only step.
     loss_fn: ``aream_fast.losses.aream.aream_loss`` or its compiled wrapper (same signature).
-    par: ``aream_fast.pseudo_labels.par.PAR`` instance (on the training device).
     autocast: a zero-argument callable returning the autocast context for forwards.
+    defer_loss_grad: q/k gradients of the affinity loss made in each layer's backward (eager only).
     """
 
-    def __init__(self, *, model: nn.Module, train_model: Callable, pseudo_model: Optional[Callable],
-                 layout: LayerSplit, aream: bool, pseudo_from_forward: bool, aream_weight: float,
-                 loss_fn: Callable, par: Optional[nn.Module], pseudo_scales: Sequence[float] = (1.0,),
-                 bg_low: float = 0.35, bg_high: float = 0.55, loss_backend: str = "auto",
-                 autocast: Callable = None, defer_loss_grad: bool = False):
-        self.model = model
+    def __init__(self, *, train_model: Callable, pseudo_model: Callable, labeler: Optional[PseudoLabeler],
+                 aream_weight: float, loss_fn: Callable, loss_backend: str = "auto",
+                 pseudo_from_forward: bool = False, defer_loss_grad: bool = False,
+                 autocast: Optional[Callable] = None):
+        import contextlib
+
         self.train_model = train_model
-        self.pseudo_model = pseudo_model if pseudo_model is not None else model
-        self.layout = layout
-        self.aream = aream
-        self.pseudo_from_forward = pseudo_from_forward
+        self.pseudo_model = pseudo_model
+        self.labeler = labeler
         self.aream_weight = float(aream_weight)
         self.loss_fn = loss_fn
-        self.par = par
-        self.pseudo_scales = tuple(pseudo_scales)
-        self.bg_low = bg_low
-        self.bg_high = bg_high
         self.loss_backend = loss_backend
-        self.autocast = autocast
-        self.defer_loss_grad = bool(defer_loss_grad) and aream
-        if aream and par is None:
-            raise ValueError("par must be a PAR module when aream=True")
-        # One request for the whole run (warm-up included) so the compiled training graph never changes.
-        if not aream:
-            self.request = None
-        elif pseudo_from_forward:
-            self.request = AttentionRequest(supervised_layers=layout.supervised_layers,
-                                            refine_layers=layout.refine_layers,
-                                            class_attention_layers=layout.all_layers,
-                                            defer_loss_grad=self.defer_loss_grad)
-        else:
-            self.request = AttentionRequest(supervised_layers=layout.supervised_layers,
-                                            defer_loss_grad=self.defer_loss_grad)
-
-    def pseudo_labels_separate(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Official pseudo labels: separate no-grad forward on image + flip (spec §3.1-3.4). -> (B, P) int64."""
-        from aream_fast.pseudo_labels.cam import pseudo_label_cams
-
-        with torch.no_grad(), self.autocast():
-            cams = pseudo_label_cams(self.pseudo_model, images, labels, refine_layers=self.layout.refine_layers,
-                                     refine_weights=self.layout.refine_weights,
-                                     class_attention_layers=self.layout.all_layers, scales=self.pseudo_scales,
-                                     flip=True, present_only=True)
-        return self._patch_labels(images, cams, labels)
-
-    def _patch_labels(self, images: Tensor, cams, labels: Tensor) -> Tensor:
-        """cams: ``PresentCAMs`` (the present classes only, at full resolution) -> (B, P) int64 labels."""
-        from aream_fast.pseudo_labels.labels import cams_to_patch_labels
-
-        with torch.no_grad():
-            _, patch_labels = cams_to_patch_labels(images, cams, labels, par=self.par,
-                                                   patch_size=self.model.patch_size, bg_low=self.bg_low,
-                                                   bg_high=self.bg_high, sample_only=True)
-        return patch_labels
+        self.pseudo_from_forward = bool(pseudo_from_forward)
+        self.defer_loss_grad = bool(defer_loss_grad) and labeler is not None
+        self.autocast = autocast or contextlib.nullcontext
+        # one request for the whole run (warm-up included) so the compiled training graph never changes
+        self.request = None if labeler is None else labeler.training_request(from_forward=pseudo_from_forward)
 
     def __call__(self, images: Tensor, labels: Tensor, aream_active: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
-        use_aream = self.aream and aream_active
+        use_aream = self.labeler is not None and aream_active
         patch_labels = None
         if use_aream and not self.pseudo_from_forward:
-            patch_labels = self.pseudo_labels_separate(images, labels)
+            patch_labels = self.labeler.from_model(self.pseudo_model, images, labels, autocast=self.autocast)
+        grads = None
+        if self.defer_loss_grad and use_aream:
+            from aream_fast.losses.deferred import DeferredGrads
+
+            grads = DeferredGrads()
         with self.autocast():
-            out = self.train_model(images, self.request)
+            out = self.train_model(images, self.request, **({"qk_hook": grads.attach} if grads else {}))
         loss_cls = classification_loss(out.class_logits, out.patch_logits, labels)
         terms: Dict[str, Tensor] = {"loss_cls": loss_cls.detach()}
         if not use_aream:
             return loss_cls, terms
         if self.pseudo_from_forward:
-            from aream_fast.pseudo_labels.cam import cams_from_output
-
-            cams = cams_from_output(out, labels, tuple(images.shape[-2:]),
-                                    refine_layers=self.layout.refine_layers,
-                                    refine_weights=self.layout.refine_weights, present_only=True)
-            patch_labels = self._patch_labels(images, cams, labels)
+            patch_labels = self.labeler.from_output(out, images, labels)
         rec = out.records
-        sup = self.layout.supervised_layers
-        if self.defer_loss_grad:
+        split = self.labeler.split
+        if grads is not None:
             from aream_fast.losses.deferred import deferred_aream_loss
 
-            loss_aff = deferred_aream_loss(rec, patch_labels, layer_weights=self.layout.loss_weights,
-                                           backend=self.loss_backend)
+            loss_aff = deferred_aream_loss(grads, patch_labels, scale=rec.scale,
+                                           num_prefix_tokens=rec.num_prefix_tokens,
+                                           layer_weights=split.loss_weights, backend=self.loss_backend)
         else:
+            sup = split.supervised_layers
             loss_aff = self.loss_fn([rec.qs[l] for l in sup], [rec.ks[l] for l in sup], patch_labels,
                                     scale=rec.scale, num_prefix_tokens=rec.num_prefix_tokens,
-                                    layer_weights=self.layout.loss_weights, backend=self.loss_backend)
+                                    layer_weights=split.loss_weights, backend=self.loss_backend)
         loss_aff = loss_aff.float()
-        terms["loss_aream"] = loss_aff.detach()
-        valid = patch_labels != 255
+        terms["loss_aff"] = loss_aff.detach()
+        valid = patch_labels != IGNORE_INDEX
         terms["pseudo_ignore_frac"] = 1.0 - valid.float().mean()
         terms["pseudo_fg_frac"] = ((patch_labels > 0) & valid).float().mean()
         return loss_cls + self.aream_weight * loss_aff, terms
+
+
+class AReAMTask(Task):
+    """Stage one: data, model, pseudo labeler and affinity loss of a :class:`TrainConfig`; val mAP selects the
+    best checkpoint; after a finished run, CAM seeds of ``--cam-split`` are written and scored."""
+
+    selection_metric = "mAP"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.split: Optional[LayerSplit] = None
+        self.data_root: Optional[str] = None
+        self.model: Optional[nn.Module] = None
+        self.step_fn: Optional[AReAMStep] = None
+
+    # ------------------------------------------------------------------------------------------------ build
+    def setup_data(self, ctx: TaskContext) -> None:
+        data = self.cfg.data
+        if ctx.dist.is_main:  # rank 0 writes the synthetic cache once
+            self.data_root = resolve_data_root(data, create=True, progress=True)
+        barrier(ctx.dist)
+        if not ctx.dist.is_main:
+            self.data_root = resolve_data_root(data, create=False)
+        self.train_set = build_split(data, self.data_root, data.train_split, train=True,
+                                     progress=ctx.dist.is_main)
+        self.val_set = build_split(data, self.data_root, data.val_split, train=False)
+        self.num_classes = int(self.train_set.num_classes)
+        self.class_names = list(self.train_set.class_names)
+        bad = getattr(self.train_set, "bad_images", []) + getattr(self.val_set, "bad_images", [])
+        self.bad_images = bad
+
+    def build_model(self, ctx: TaskContext) -> nn.Module:
+        from aream_fast.engine.optim import freeze_unused_parameters
+
+        cfg = self.cfg
+        model = build_model_from_config(cfg.model, self.num_classes, image_size=cfg.data.image_size,
+                                        pretrained=cfg.model.pretrained).to(ctx.device)
+        self.model = model
+        self.split = self._layer_split(ctx)
+        frozen = freeze_unused_parameters(model, cfg.data.image_size, ctx.device)
+        if frozen:
+            ctx.log(f"parameters no loss reaches (frozen; e.g. MCTformer's unused final norm): {frozen}")
+        return model
+
+    def _layer_split(self, ctx: TaskContext) -> LayerSplit:
+        from aream_fast.analysis.entropy import entropy_to_layer_weights, load_entropy
+
+        aream = self.cfg.aream
+        depth = int(self.model.depth)
+        split = LayerSplit.from_depth(depth, aream.layer_index)
+        if aream.layer_weights is not None:
+            entropy = load_entropy(aream.layer_weights)
+            if entropy.shape != (depth,):
+                raise ValueError(f"--layer-weights {aream.layer_weights!r}: one entropy per model block ({depth}) "
+                                 f"expected, got {entropy.size}")
+            loss_w, refine_w = entropy_to_layer_weights(entropy, split.layer_index)
+            split = LayerSplit.from_depth(depth, split.layer_index, loss_weights=loss_w, refine_weights=refine_w)
+        weights = ("uniform" if split.loss_weights is None else
+                   f"entropy (loss {[round(w, 3) for w in split.loss_weights]}, refine "
+                   f"{[round(w, 3) for w in split.refine_weights]})")
+        ctx.log(f"layers: refine {list(split.refine_layers)}, supervised {list(split.supervised_layers)}, "
+                f"weights {weights}")
+        return split
+
+    def precision_probe(self):
+        from aream_fast.engine.precision import measure_model_step
+
+        return lambda: measure_model_step(self.model, self.cfg.data.image_size,
+                                          batch=min(8, self.cfg.optim.batch_size))
+
+    def prepare(self, ctx: TaskContext, train_model: Any) -> None:
+        from aream_fast.losses.aream import aream_loss
+
+        cfg = self.cfg
+        pseudo_model: Any = self.model
+        loss_fn: Any = aream_loss
+        if cfg.precision.compile:
+            backend = cfg.precision.compile_backend
+            loss_fn = torch.compile(aream_loss, backend=backend)
+            if cfg.aream.aream and not cfg.aream.pseudo_from_forward and cfg.precision.compile_pseudo:
+                # the pseudo-label forward (2B images, no grad, other request) as its own compiled graph
+                pseudo_model = torch.compile(self.model, backend=backend)
+            ctx.log(f"torch.compile ({backend}): training model, affinity loss"
+                    + (" and pseudo-label forward (separate graph)" if pseudo_model is not self.model else ""))
+        defer = cfg.aream.loss_grad == "layer" and not cfg.precision.compile
+        labeler = None
+        if cfg.aream.aream:
+            from aream_fast.pseudo_labels.par import PAR
+
+            labeler = PseudoLabeler(self.split, par=PAR().to(ctx.device), patch_size=self.model.patch_size,
+                                    scales=cfg.aream.pseudo_scales, bg_low=cfg.aream.bg_low,
+                                    bg_high=cfg.aream.bg_high)
+            ctx.log("affinity loss gradients: " + (
+                "made in each supervised layer's backward (--loss-grad layer)" if defer else
+                "made with the loss value in the forward" + (" (--compile: the deferred identity nodes "
+                                                               "cannot be traced)" if cfg.precision.compile else "")))
+        self.step_fn = AReAMStep(train_model=train_model, pseudo_model=pseudo_model, labeler=labeler,
+                                 aream_weight=cfg.aream.aream_weight, loss_fn=loss_fn,
+                                 loss_backend=cfg.aream.loss_backend, pseudo_from_forward=cfg.aream.pseudo_from_forward,
+                                 defer_loss_grad=defer, autocast=ctx.autocast)
+
+    # ------------------------------------------------------------------------------------------------- step
+    def step(self, batch: Dict[str, Any], epoch: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+        device = next(self.model.parameters()).device
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        active = self.cfg.aream.aream and epoch >= self.cfg.aream.cls_epochs
+        loss, terms = self.step_fn(images, labels, active)
+        terms["aream_active"] = torch.tensor(int(active))
+        return loss, terms
+
+    def compile_warmup_epoch(self) -> int:
+        return self.cfg.aream.cls_epochs if self.cfg.aream.aream else 0
+
+    def progress_postfix(self, record: Dict[str, float]) -> Dict[str, str]:
+        return {"aff": f"{record['loss_aff']:.4f}"} if "loss_aff" in record else {}
+
+    # --------------------------------------------------------------------------------------- validate/finish
+    @torch.no_grad()
+    def validate(self, ctx: TaskContext) -> Optional[Dict[str, float]]:
+        """Val mAP (per-image AP of sigmoid(class_logits), averaged; docs/semantics.md "Model selection")."""
+        from aream_fast.evaluation.classification import classification_map
+
+        return classification_map(self.model, self.val_set, batch_size=self.cfg.optim.batch_size,
+                                  device=ctx.device, autocast=ctx.autocast)
+
+    def finish(self, ctx: TaskContext) -> Optional[Dict[str, Any]]:
+        """CAM seeds of ``--cam-split`` from the best checkpoint's weights (else the last), then their mIoU."""
+        if not self.cfg.cams.make_cams:
+            return None
+        from aream_fast.engine import checkpoint as ckpt_io
+        from aream_fast.evaluation.cams import score_cams, write_cams
+
+        cfg = self.cfg
+        best = os.path.join(ctx.run_dir, ckpt_io.BEST_NAME)
+        model = self.model
+        source = "last"
+        if os.path.isfile(best):
+            model = build_model_from_config(cfg.model, self.num_classes,
+                                            image_size=cfg.data.image_size).to(ctx.device)
+            model.load_state_dict(ckpt_io.load_checkpoint(best, map_location=ctx.device)["model"])
+            source = "best val mAP"
+        cam_set = build_cam_eval_split(cfg.data, self.data_root, cfg.cams.cam_split)
+        cam_dir = os.path.join(ctx.run_dir, f"cams_{cfg.cams.cam_split}")
+        t0 = time.time()
+        written = write_cams(model, cam_set, cam_dir, scales=cfg.cams.cam_scales, flip=cfg.cams.cam_flip,
+                             device=ctx.device, overlays=cfg.cams.cam_overlays)
+        cam_s = time.time() - t0
+        ctx.log(f"wrote {written} CAM files ({source} weights) to {cam_dir} in {cam_s:.1f} s")
+        results = score_cams(cam_dir, cam_set, log=ctx.log)
+        results.update(cam_dir=cam_dir, weights=source, cam_seconds=cam_s, gt_dir=str(cam_set.files.mask_dir))
+        return results
+
+    def summary(self, finish_results: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        results = finish_results or {}
+        return {"cam_mIoU": results.get("mIoU"), "cam_threshold": results.get("threshold")}
+
+    # ------------------------------------------------------------------------------------------- bookkeeping
+    def run_name(self) -> str:
+        return f"{self.cfg.data.dataset}-{self.cfg.mode_name()}"
+
+    def manifest_extra(self) -> Dict[str, Any]:
+        return {"data_root": self.data_root, "num_classes": self.num_classes, "class_names": self.class_names,
+                "train_size": len(self.train_set), "val_size": len(self.val_set),
+                "layer_index": self.split.layer_index}
+
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        return {"num_classes": self.num_classes, "class_names": self.class_names,
+                "layer_index": self.split.layer_index}
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (f"model {cfg.model.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M params, "
+                f"depth {self.model.depth}), {len(self.train_set)} train / {len(self.val_set)} val images "
+                f"(AReAM from epoch {cfg.aream.cls_epochs if cfg.aream.aream else 'never'})")

@@ -1,76 +1,71 @@
-"""Building the run's pieces from a :class:`TrainConfig`: data root, datasets, model."""
+"""Building a run's pieces from its config sections: data root, datasets, model, and a model from a checkpoint."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Optional, Tuple
 
 from torch import nn
 
-from aream_fast.engine.config import TrainConfig
+from aream_fast.engine.config import DataConfig, ModelConfig, TrainConfig
 
 DATA_CACHE = "data_cache"
 
 
-def synthetic_root(cfg: TrainConfig) -> str:
+def synthetic_root(data: DataConfig) -> str:
     """Default synthetic cache: ``data_cache/<name keyed by the generation parameters>`` (gitignored)."""
     from aream_fast.data.synthetic import default_synthetic_root
 
-    name = default_synthetic_root(cfg.synthetic_train_size, cfg.synthetic_val_size, cfg.image_size,
-                                  seed=0).name
+    name = default_synthetic_root(data.synthetic_train_size, data.synthetic_val_size, data.image_size, seed=0).name
     return os.path.join(DATA_CACHE, name)
 
 
-def resolve_data_root(cfg: TrainConfig, *, create: bool, progress: bool = False) -> str:
-    """The dataset root. Synthetic: written once (``ensure_synthetic``) when ``create`` (rank 0 only)."""
-    if cfg.dataset == "synthetic":
+def resolve_data_root(data: DataConfig, *, create: bool, progress: bool = False) -> str:
+    """The dataset root, absolute. Synthetic: written once (``ensure_synthetic``) when ``create`` (rank 0)."""
+    if data.dataset == "synthetic":
         from aream_fast.data import ensure_synthetic
 
-        root = cfg.data_root or synthetic_root(cfg)
+        root = data.data_root or synthetic_root(data)
         if create:
-            ensure_synthetic(root, num_train=cfg.synthetic_train_size, num_val=cfg.synthetic_val_size,
-                             image_size=cfg.image_size, seed=0, progress=progress)
-        return str(root)
-    if cfg.data_root is None:
-        raise ValueError(f"--data-root is required for --dataset {cfg.dataset} (e.g. VOCdevkit/VOC2012)")
-    return cfg.data_root
+            ensure_synthetic(root, num_train=data.synthetic_train_size, num_val=data.synthetic_val_size,
+                             image_size=data.image_size, seed=0, progress=progress)
+        return os.path.abspath(str(root))
+    if data.data_root is None:
+        raise ValueError(f"--data-root is required for --dataset {data.dataset} (e.g. VOCdevkit/VOC2012)")
+    return os.path.abspath(data.data_root)
 
 
-def model_overrides(cfg: TrainConfig) -> Dict[str, Any]:
-    return {k: v for k, v in (("embed_dim", cfg.embed_dim), ("depth", cfg.depth), ("num_heads", cfg.num_heads))
-            if v is not None}
-
-
-def build_model_from_config(cfg: TrainConfig, num_classes: int, *, pretrained: Optional[str] = None) -> nn.Module:
-    """``aream_fast.models.build_model`` with the config's name, size overrides, drop path and backend."""
+def build_model_from_config(model: ModelConfig, num_classes: int, *, image_size: int,
+                            pretrained: Optional[str] = None) -> nn.Module:
+    """``aream_fast.models.build_model`` with the section's name, size overrides, drop path and backend."""
     from aream_fast.models import build_model
 
-    return build_model(cfg.model, num_classes, img_size=cfg.image_size, drop_path=cfg.drop_path,
-                       pretrained=pretrained, attention_backend=cfg.attention_backend, **model_overrides(cfg))
+    return build_model(model.model, num_classes, img_size=image_size, drop_path=model.drop_path,
+                       pretrained=pretrained, attention_backend=model.attention_backend, **model.overrides())
 
 
-def build_split(cfg: TrainConfig, root: str, split: str, *, train: bool, native_size: bool = False,
+def build_split(data: DataConfig, root: str, split: str, *, train: bool, native_size: bool = False,
                 with_masks: Optional[bool] = None, progress: bool = False):
     """One split via ``aream_fast.data.build_dataset``. native_size: no resize (CAM inference)."""
     from aream_fast.data import build_dataset
 
-    return build_dataset(cfg.dataset, root, split, train=train,
-                         image_size=None if native_size else cfg.image_size, with_masks=with_masks,
-                         skip_bad_images=cfg.skip_bad_images, progress=progress)
+    return build_dataset(data.dataset, root, split, train=train,
+                         image_size=None if native_size else data.image_size, with_masks=with_masks,
+                         skip_bad_images=data.skip_bad_images, progress=progress)
 
 
-def build_cam_eval_split(cfg: TrainConfig, root: str, split: str, *, mask_dir: Optional[str] = None,
+def build_cam_eval_split(data: DataConfig, root: str, split: str, *, mask_dir: Optional[str] = None,
                          progress: bool = False):
     """Native-size split with masks for scoring CAMs. VOC with no ``mask_dir``: the official ground truth
-    ``SegmentationClass`` (spec §5.3) when it holds every listed mask, else the default folder
-    (``SegmentationClassAug``), as ``scripts/evaluate.py`` does. ``dataset.files.mask_dir`` tells which."""
+    ``SegmentationClass`` (docs/semantics.md, "Evaluation") when it holds every listed mask, else the default
+    folder (``SegmentationClassAug``), as ``scripts/evaluate.py`` does. ``dataset.files.mask_dir`` tells which."""
     from aream_fast.data import build_dataset
     from aream_fast.data.layout import DatasetLayoutError
 
     def build(folder: Optional[str]):
-        return build_dataset(cfg.dataset, root, split, train=False, image_size=None, with_masks=True,
-                             mask_dir=folder, skip_bad_images=cfg.skip_bad_images, progress=progress)
+        return build_dataset(data.dataset, root, split, train=False, image_size=None, with_masks=True,
+                             mask_dir=folder, skip_bad_images=data.skip_bad_images, progress=progress)
 
-    if mask_dir is None and cfg.dataset == "voc":
+    if mask_dir is None and data.dataset == "voc":
         try:
             return build("SegmentationClass")
         except DatasetLayoutError:
@@ -78,12 +73,15 @@ def build_cam_eval_split(cfg: TrainConfig, root: str, split: str, *, mask_dir: O
     return build(mask_dir)
 
 
-def load_model_from_checkpoint(path: str, device: Any = "cpu"):
-    """(model in eval mode, its TrainConfig) from a training checkpoint (``checkpoint*.pth``)."""
+def load_model_from_checkpoint(path: str, device: Any = "cpu") -> Tuple[nn.Module, TrainConfig]:
+    """(model in eval mode, its TrainConfig) from a stage-one checkpoint (``checkpoint*.pth``; the flat config of
+    older checkpoints is read too). The one checkpoint -> model path of the library and the scripts."""
     from aream_fast.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location=device)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model_from_config(cfg, int(ckpt["num_classes"]))
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a training checkpoint of this project (no 'model' / 'config' entry)")
+    cfg = TrainConfig.from_dict(ckpt["config"], validate=False)
+    model = build_model_from_config(cfg.model, int(ckpt["num_classes"]), image_size=cfg.data.image_size)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg

@@ -112,7 +112,7 @@ def write_manifest(run_dir: str, config: Dict[str, Any], *, device: torch.device
     """``manifest.json``: config, package versions, device, seed, command line, start time."""
     manifest = {
         "config": config,
-        "seed": config.get("seed"),
+        "seed": config.get("run", {}).get("seed") if isinstance(config.get("run"), dict) else config.get("seed"),
         "command": sys.argv,
         "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "host": socket.gethostname(),

@@ -19,8 +19,8 @@ activations. Cost: one extra q kᵀ matmul per supervised layer (the value), aga
 Same value and gradients as ``aream_loss`` (tests). Eager only: the identity node reads the labels set
 after the forward, which ``torch.compile`` cannot trace; the trainer uses ``aream_loss`` when compiling.
 
-Use with our models: ``AttentionRequest(supervised_layers=..., defer_loss_grad=True)``; the forward's
-``records.deferred`` is then a :class:`DeferredGrads`, and ``deferred_aream_loss(records, patch_labels)``
+Use with our models: ``grads = DeferredGrads(); out = model(images, request, qk_hook=grads.attach)``, then
+``deferred_aream_loss(grads, patch_labels, scale=out.records.scale, num_prefix_tokens=...)``
 is the loss. In other ViT code: ``q, k = grads.attach(layer, q, k)`` at each supervised layer (before q, k
 are used), then ``deferred_aream_loss(grads, patch_labels, ...)``.
 """
@@ -142,9 +142,9 @@ def deferred_aream_loss(grads, patch_labels: Tensor, *, scale: Optional[float] =
     """AReAM loss (the value of ``aream_loss``) whose q / k gradients are added in each layer's backward.
 
     Args:
-        grads: a :class:`DeferredGrads`, or ``AttentionRecords`` of a forward run with
-            ``AttentionRequest(defer_loss_grad=True)`` (then ``scale`` and ``num_prefix_tokens`` default to
-            the records').
+        grads: the :class:`DeferredGrads` whose ``attach`` was the forward's ``qk_hook``.
+        scale, num_prefix_tokens: the attention's softmax scale and C (``records.scale``,
+            ``records.num_prefix_tokens``).
         patch_labels: (B, P) integer per-patch labels (see ``aream_loss``).
         layer_weights: None or one weight per attached layer, in attach (layer) order.
         backend: of the value computation ("auto": Triton on CUDA, torch otherwise); the gradients use the
@@ -155,17 +155,11 @@ def deferred_aream_loss(grads, patch_labels: Tensor, *, scale: Optional[float] =
     """
     from aream_fast.losses.aream import aream_loss
 
-    records = None
     if not isinstance(grads, DeferredGrads):
-        records = grads
-        grads = getattr(records, "deferred", None)
-        if not isinstance(grads, DeferredGrads):
-            raise ValueError("deferred_aream_loss needs a DeferredGrads or the records of a forward run with "
-                             "AttentionRequest(defer_loss_grad=True)")
-        scale = records.scale if scale is None else scale
-        num_prefix_tokens = records.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
+        raise ValueError(f"deferred_aream_loss needs the DeferredGrads whose attach was the forward's qk_hook, "
+                         f"got {type(grads).__name__}")
     if scale is None or num_prefix_tokens is None:
-        raise ValueError("scale and num_prefix_tokens are required with a DeferredGrads")
+        raise ValueError("scale and num_prefix_tokens are required (e.g. records.scale, records.num_prefix_tokens)")
     layers = grads.layers
     if not layers:
         raise ValueError("no supervised layer was attached in this forward")

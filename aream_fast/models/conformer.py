@@ -266,17 +266,15 @@ class Conformer(nn.Module):
 
     _check_request = WSSSViT._check_request  # layer indices in [0, depth)
 
-    def forward(self, images: Tensor, request: Optional[AttentionRequest] = None) -> ViTOutput:
+    def forward(self, images: Tensor, request: Optional[AttentionRequest] = None,
+                qk_hook: Optional[QKHook] = None) -> ViTOutput:
+        """images (B, 3, H, W) -> ViTOutput. ``qk_hook(layer, q, k) -> (q, k)`` is applied to the supervised
+        layers' q, k before their attention consumes them (e.g. ``DeferredGrads.attach``)."""
         x, x_t, grid = self.stem(images)
         supervised = frozenset(request.supervised_layers) if request is not None else frozenset()
         refine = frozenset(request.refine_layers) if request is not None else frozenset()
-        deferred = None
         if request is not None:
             self._check_request(request)
-            if request.defer_loss_grad:
-                from aream_fast.losses.deferred import DeferredGrads
-
-                deferred = DeferredGrads()
         qs: Dict[int, Tensor] = {}
         ks: Dict[int, Tensor] = {}
 
@@ -287,8 +285,7 @@ class Conformer(nn.Module):
                 qs[layer], ks[layer] = q.detach(), k.detach()
 
         def hook(layer: int):
-            return functools.partial(deferred.attach, layer) if deferred is not None and layer in supervised \
-                else None
+            return functools.partial(qk_hook, layer) if qk_hook is not None and layer in supervised else None
 
         x_t, q, k, _ = self.trans_1(x_t, 1, False, hook(0))
         keep(0, q, k)
@@ -301,7 +298,7 @@ class Conformer(nn.Module):
         records = None
         if request is not None:
             records = AttentionRecords(qs=qs, ks=ks, class_attention=None, num_prefix_tokens=1,
-                                       scale=self.trans_1.attn.scale, grid=grid, deferred=deferred)
+                                       scale=self.trans_1.attn.scale, grid=grid)
         return ViTOutput(class_logits, patch_logits, cam, records)
 
 

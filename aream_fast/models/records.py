@@ -10,7 +10,7 @@ K number of foreground classes.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -24,15 +24,18 @@ class AttentionRequest(NamedTuple):
         (official training pseudo labels: 0..6; inference CAMs: all 12).
     class_attention_layers: layers whose head-mean class->patch softmax rows are averaged into
         ``AttentionRecords.class_attention`` (official: all 12). Ignored by single-class-token models.
-    defer_loss_grad: pass the supervised layers' q, k through the identity nodes of
-        ``aream_fast.losses.deferred`` (``AttentionRecords.deferred``), so that ``deferred_aream_loss`` adds
-        each layer's loss gradient inside that layer's backward (eager only).
     """
 
     supervised_layers: Tuple[int, ...] = ()
     refine_layers: Tuple[int, ...] = ()
     class_attention_layers: Tuple[int, ...] = ()
-    defer_loss_grad: bool = False
+
+
+#: ``qk_hook(layer, q, k) -> (q, k)``: what a model's ``forward(images, request, qk_hook)`` applies to each
+#: supervised layer's q, k (B, H, N, d) before its attention consumes them. The caller owns it (the model never
+#: imports a loss): ``aream_fast.losses.deferred.DeferredGrads.attach`` adds each layer's affinity-loss gradient
+#: inside that layer's backward.
+QKHook = Callable[[int, Tensor, Tensor], Tuple[Tensor, Tensor]]
 
 
 class AttentionRecords(NamedTuple):
@@ -45,8 +48,6 @@ class AttentionRecords(NamedTuple):
     num_prefix_tokens: C.
     scale: the softmax scale (d ** -0.5).
     grid: (h, w) patch grid, P = h * w, patches in row-major order.
-    deferred: ``aream_fast.losses.deferred.DeferredGrads`` of the supervised layers when the request asked for
-        ``defer_loss_grad``, else None.
     """
 
     qs: Dict[int, Tensor]
@@ -55,7 +56,6 @@ class AttentionRecords(NamedTuple):
     num_prefix_tokens: int
     scale: float
     grid: Tuple[int, int]
-    deferred: Optional[Any] = None
 
 
 class ViTOutput(NamedTuple):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aream_fast.models.attention import Attention, check_backend
-from aream_fast.models.records import AttentionRecords, AttentionRequest, ViTOutput
+from aream_fast.models.records import AttentionRecords, AttentionRequest, QKHook, ViTOutput
 
 
 class DropPath(nn.Module):
@@ -225,7 +225,11 @@ class WSSSViT(nn.Module):
                     raise ValueError(f"request.{field} must hold layer indices in [0, {self.depth}), "
                                      f"got {getattr(request, field)!r}")
 
-    def forward(self, images: Tensor, request: Optional[AttentionRequest] = None) -> ViTOutput:
+    def forward(self, images: Tensor, request: Optional[AttentionRequest] = None,
+                qk_hook: Optional[QKHook] = None) -> ViTOutput:
+        """images (B, 3, H, W) -> ViTOutput; with ``request`` the records of the requested layers.
+        ``qk_hook(layer, q, k) -> (q, k)`` is applied to the supervised layers' q, k before their attention
+        consumes them (the caller's hook, e.g. ``aream_fast.losses.deferred.DeferredGrads.attach``)."""
         x, grid = self.embed(images)
         c = self.num_prefix_tokens
         records = None
@@ -237,13 +241,8 @@ class WSSSViT(nn.Module):
             qs: Dict[int, Tensor] = {}
             ks: Dict[int, Tensor] = {}
             cls_sum: Optional[Tensor] = None
-            deferred = None
-            if request.defer_loss_grad:
-                from aream_fast.losses.deferred import DeferredGrads
-
-                deferred = DeferredGrads()
             for i, blk in enumerate(self.blocks):
-                hook = functools.partial(deferred.attach, i) if deferred is not None and i in supervised else None
+                hook = functools.partial(qk_hook, i) if qk_hook is not None and i in supervised else None
                 x, q, k, cls_attn = blk(x, c, i in cls_layers, hook)
                 if i in supervised:
                     qs[i], ks[i] = q, k
@@ -253,7 +252,7 @@ class WSSSViT(nn.Module):
                     cls_sum = cls_attn if cls_sum is None else cls_sum + cls_attn
             class_attention = cls_sum / len(cls_layers) if cls_sum is not None else None
             records = AttentionRecords(qs=qs, ks=ks, class_attention=class_attention, num_prefix_tokens=c,
-                                       scale=self.blocks[0].attn.scale, grid=grid, deferred=deferred)
+                                       scale=self.blocks[0].attn.scale, grid=grid)
         else:
             for blk in self.blocks:
                 x = blk(x, c, False)[0]
