@@ -16,6 +16,7 @@ one filtering is three matrix products plus d+1 blur steps.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,9 @@ class Lattice:
 
 
 def _csr(crow, col, val, size) -> torch.Tensor:
-    return torch.sparse_csr_tensor(crow, col, val, size, check_invariants=False)
+    with warnings.catch_warnings():  # torch says "Sparse CSR tensor support is in beta state" once per process
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, val, size, check_invariants=False)
 
 
 def _csr_rows(cols: torch.Tensor, vals: torch.Tensor, num_cols: int) -> torch.Tensor:
@@ -109,14 +112,13 @@ def _csr_rows(cols: torch.Tensor, vals: torch.Tensor, num_cols: int) -> torch.Te
     return _csr(crow, cols.reshape(-1), vals.reshape(-1), (r, num_cols))
 
 
-def build_lattice(features: torch.Tensor, groups: torch.Tensor | None = None) -> Lattice:
+def build_lattice(features: torch.Tensor) -> Lattice:
     """Build the lattice for ``features`` (N, d) float32 (already divided by the kernel's standard deviations).
 
-    ``groups`` (N,) int64, optional: points of different groups never share a vertex (one block-diagonal lattice
-    for a batch of images). Follows the SSE ``Permutohedral::init`` of pydensecrf step by step (float32, round half
+    Follows the SSE ``Permutohedral::init`` of pydensecrf step by step (float32, round half
     to even), so vertices and barycentric weights are the same.
 
-    Vertex keys (the first d lattice coordinates, plus the group) are coded as one int64 with a margin of d+1 on
+    Vertex keys (the first d lattice coordinates) are coded as one int64 with a margin of d+1 on
     every coordinate, so a blur neighbour's code is the vertex's code plus a constant per direction.
     """
     if features.dim() != 2 or features.dtype != torch.float32:
@@ -164,8 +166,6 @@ def build_lattice(features: torch.Tensor, groups: torch.Tensor | None = None) ->
     # vertex r of point i: key[c] = rem0[c] + canonical[r, rank[c]], canonical[r, k] = r - (d+1) [k > d - r]
     rem0_i = rem0[:d].to(torch.int64)
     columns = [rem0_i[c] for c in range(d)]
-    if groups is not None:
-        columns.insert(0, groups.to(device=dev, dtype=torch.int64))
     lo = [col.min().item() - 2 * (d + 1) for col in columns]
     span = [col.max().item() + 2 * (d + 1) - low + 1 for col, low in zip(columns, lo)]
     strides = [1] * len(columns)
@@ -175,13 +175,12 @@ def build_lattice(features: torch.Tensor, groups: torch.Tensor | None = None) ->
         raise ValueError("the lattice keys of these features do not fit in 63 bits (feature range too large for "
                          "the kernel widths: sxy / srgb too small)")
     base = sum((col - low) * stride for col, low, stride in zip(columns, lo, strides))
-    coord_strides = strides[1:] if groups is not None else strides
     codes = torch.empty(d + 1, n, dtype=torch.int64, device=dev)
     for r in range(d + 1):
-        above = sum((rank_i[c] > d - r).to(torch.int64) * coord_strides[c] for c in range(d))
-        codes[r] = base + r * sum(coord_strides) - (d + 1) * above
+        above = sum((rank_i[c] > d - r).to(torch.int64) * strides[c] for c in range(d))
+        codes[r] = base + r * sum(strides) - (d + 1) * above
     inverse, unique_codes, crow, src = _hash(codes.t().reshape(-1))
-    neighbours = _neighbours(unique_codes, coord_strides, d)
+    neighbours = _neighbours(unique_codes, strides, d)
     return Lattice(num_points=n, dim=d, num_vertices=unique_codes.shape[0], offsets=inverse.reshape(n, d + 1),
                    weights=weights.t().contiguous(), neighbours=neighbours, splat_crow=crow, splat_src=src)
 
