@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Union
+from typing import Dict, Sequence, Union
 
 import numpy as np
 import torch
 
-from .permutohedral import Lattice, _csr, _csr_rows, build_lattice
+from .permutohedral import Lattice, build_lattice, csr, csr_rows
 
 EXACT_MAX_PIXELS = 4096
 _BACKENDS = ("auto", "fast", "exact")
@@ -183,8 +183,8 @@ class _LatticeKernels:
         for crow in crows[:-1]:
             nnz.append(nnz[-1] + int(crow[-1]))
         crow = torch.cat([c[:-1] + off for c, off in zip(crows, nnz)] + [crows[-1][-1:] + nnz[-1]])
-        self.splat = _csr(crow, torch.cat(cols), torch.cat(vals), (self.bounds[-1], n))
-        self.slice = _csr_rows(torch.cat(slice_cols, dim=1), torch.cat(slice_vals, dim=1), self.bounds[-1])
+        self.splat = csr(crow, torch.cat(cols), torch.cat(vals), (self.bounds[-1], n))
+        self.slice = csr_rows(torch.cat(slice_cols, dim=1), torch.cat(slice_vals, dim=1), self.bounds[-1])
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         lattice_values = torch.sparse.mm(self.splat, q)

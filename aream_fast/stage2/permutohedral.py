@@ -66,11 +66,11 @@ class Lattice:
 
     def splat_matrix(self, point_scale: torch.Tensor | None = None) -> torch.Tensor:
         crow, col, val = self.splat_parts(point_scale)
-        return _csr(crow, col, val, (self.num_vertices, self.num_points))
+        return csr(crow, col, val, (self.num_vertices, self.num_points))
 
     def slice_matrix(self, point_scale: torch.Tensor | None = None) -> torch.Tensor:
         cols, vals = self.slice_parts(point_scale)
-        return _csr_rows(cols, vals, self.num_vertices)
+        return csr_rows(cols, vals, self.num_vertices)
 
     def blur(self, values: torch.Tensor) -> torch.Tensor:
         """(M, C) lattice values -> (M, C), blurred along j = 0..d: v <- v + (v[n1] + v[n2]) / 2 (a missing
@@ -99,17 +99,18 @@ class Lattice:
         return torch.sparse.mm(self.slice_matrix(), self.blur(torch.sparse.mm(self.splat_matrix(), values)))
 
 
-def _csr(crow, col, val, size) -> torch.Tensor:
+def csr(crow, col, val, size) -> torch.Tensor:
+    """A CSR tensor from (crow, col, values) built here (already valid, so torch does not re-check it)."""
     with warnings.catch_warnings():  # torch says "Sparse CSR tensor support is in beta state" once per process
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, col, val, size, check_invariants=False)
 
 
-def _csr_rows(cols: torch.Tensor, vals: torch.Tensor, num_cols: int) -> torch.Tensor:
+def csr_rows(cols: torch.Tensor, vals: torch.Tensor, num_cols: int) -> torch.Tensor:
     """(R, k) sorted column indices and values, k entries per row -> (R, num_cols) CSR."""
     r, k = cols.shape
     crow = torch.arange(0, r * k + 1, k, device=cols.device)
-    return _csr(crow, cols.reshape(-1), vals.reshape(-1), (r, num_cols))
+    return csr(crow, cols.reshape(-1), vals.reshape(-1), (r, num_cols))
 
 
 def build_lattice(features: torch.Tensor) -> Lattice:

@@ -205,7 +205,7 @@ def test_fast_vs_exact(preset, k):
 # ------------------------------------------------------------------------------------------ pydensecrf2 oracle
 
 def _photos():
-    data = pytest.importorskip("skimage.data", reason="scikit-image (the dev extra) provides the sample photos")
+    data = pytest.importorskip("skimage.data", reason="scikit-image (the crf-oracle extra) has the sample photos")
     return {"chelsea": data.chelsea(), "coffee": data.coffee()}
 
 
