@@ -103,6 +103,8 @@ def csr(crow, col, val, size) -> torch.Tensor:
     """A CSR tensor from (crow, col, values) built here (already valid, so torch does not re-check it)."""
     with warnings.catch_warnings():  # torch says "Sparse CSR tensor support is in beta state" once per process
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        if max(size) < 2 ** 31 and col.numel() < 2 ** 31:  # int32 indices: half the index traffic
+            crow, col = crow.to(torch.int32), col.to(torch.int32)
         return torch.sparse_csr_tensor(crow, col, val, size, check_invariants=False)
 
 

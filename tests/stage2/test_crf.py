@@ -213,7 +213,8 @@ def _photos():
 @pytest.mark.parametrize("preset", ["cam", "official-test", "toco"])
 @pytest.mark.parametrize("k", [3, 21])
 def test_fast_matches_pydensecrf2(preset, k):
-    """Same Q as pydensecrf2 up to float32 summation order: max |dQ| <= 1e-3, argmax agreement >= 99.9 %."""
+    """Same Q as pydensecrf2 up to float32 summation order: max |dQ| <= 1e-4 (measured <= 3.5e-6 at full size on
+    three photos), argmax agreement >= 99.9 % (measured 100 %; a pixel at an exact tie may flip)."""
     pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 oracle not installed (pip install -e "
                                                       "'.[crf-oracle]'; CI does not build it)")
     cases = {name: (img[::2, ::2].copy(), None) for name, img in _photos().items()}
@@ -224,7 +225,7 @@ def test_fast_matches_pydensecrf2(preset, k):
         want = pydensecrf_inference(img, probs, p)
         got = dense_crf(img, probs, preset=preset)
         agree = (got.argmax(0) == want.argmax(0)).mean()
-        assert np.abs(got - want).max() <= 1e-3, name
+        assert np.abs(got - want).max() <= 1e-4, name
         assert agree >= 0.999, name
 
 
