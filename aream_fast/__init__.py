@@ -86,6 +86,7 @@ _EXPORTS = {
     # Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)
     "flash_attention": "aream_fast.kernels.flash_attention",
     "attention_apply_triton": "aream_fast.kernels.flash_attention",
+    "class_attention_from_lse": "aream_fast.kernels.flash_attention",
     "aream_loss_triton": "aream_fast.kernels.aream_loss",
 }
 

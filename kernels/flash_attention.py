@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["flash_attention", "attention_apply_triton"]
+__all__ = ["flash_attention", "attention_apply_triton", "class_attention_from_lse"]
 
 # log2(e): exp(x) = exp2(x * log2(e)). Inside the kernels it is written as the literal 1.4426950408889634 and
 # ln(2) as 0.6931471805599453 (a plain Python global is not a constexpr there).
@@ -585,13 +585,20 @@ def _flash_attention_fwd(
         BLOCK_D=block_d, EVEN_D=(D == block_d), DOT_PREC=prec,
     )
     C = num_prefix_tokens if with_class_attention else 0
-    P = N - num_prefix_tokens
+    return o, lse, _class_attention(q, k, lse, scale, C, N - num_prefix_tokens)
+
+
+def _class_attention(q, k, lse, scale: float, C: int, P: int) -> torch.Tensor:
+    """(B, C, P) fp32 class-attention rows from the row LSE (called inside the triton_ops)."""
+    B, H, N, D = q.shape
     cls = torch.empty((B, C, P), dtype=torch.float32, device=q.device)
     if C > 0 and P > 0:
+        block_d = _block_d(D)
+        prec = _dot_precision(q.dtype)
         block_c = _small_block(C, 64)
         block_n = _small_block(P, 64)
         wrap_triton(_class_attn_kernel)[(triton.cdiv(P, block_n), triton.cdiv(C, block_c), B)](
-            q, k, lse, cls, qk_scale,
+            q, k, lse, cls, scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2), q.stride(3),
             k.stride(0), k.stride(1), k.stride(2), k.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
@@ -600,7 +607,14 @@ def _flash_attention_fwd(
             BLOCK_D=block_d, EVEN_D=(D == block_d), BLOCK_C=block_c, BLOCK_N=block_n, DOT_PREC=prec,
             num_warps=8 if prec == "ieee" else 4,  # exact fp32 spills with 4 warps (sm_90 sweep)
         )
-    return o, lse, cls
+    return cls
+
+
+@triton_op("aream_fast::class_attention_from_lse", mutates_args={})
+def _class_attention_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
+                              num_prefix_tokens: int) -> torch.Tensor:
+    """q, k (B,H,N,d), lse (B,H,N) fp32 natural log -> (B, C, P) fp32 (no autograd: an export)."""
+    return _class_attention(q, k, lse, scale, num_prefix_tokens, q.shape[2] - num_prefix_tokens)
 
 
 @triton_op("aream_fast::flash_attention_bwd", mutates_args={})
@@ -773,6 +787,35 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     if not return_lse and not return_class_attention:
         return o
     return o, (lse if return_lse else None), (cls if return_class_attention else None)
+
+
+def class_attention_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float,
+                             num_prefix_tokens: int) -> torch.Tensor:
+    """Head-mean class-token attention over the patch columns from a row log-sum-exp computed elsewhere.
+
+    For layers that need only the LSE (DESIGN.md item 6), another attention implementation can run the layer
+    (e.g. PyTorch's flash SDPA, ``torch.ops.aten._scaled_dot_product_flash_attention``, whose ``logsumexp``
+    output is this LSE) and this kernel adds the class attention ``flash_attention(...,
+    return_class_attention=True)`` would return.
+
+    Args:
+        q, k: (B, H, N, d) fp16/bf16/fp32, any strides (views of a packed qkv work).
+        lse: (B, H, N) fp32, natural-log row log-sum-exp of ``scale * q k^T`` (the last dim may be padded:
+            only the first N entries are read).
+        num_prefix_tokens: C class tokens in front of the P = N - C patches.
+
+    Returns:
+        (B, C, P) fp32: ``mean_h softmax(scale q k^T)[:, h, :C, C:]``; not differentiable.
+    """
+    _check_qk(q, k, scale, num_prefix_tokens)
+    B, H, N, _ = q.shape
+    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or lse.dim() != 3 \
+            or tuple(lse.shape[:2]) != (B, H) or lse.shape[2] < N:
+        got = (tuple(lse.shape), lse.dtype) if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be float32 of shape (B, H, N) = {(B, H, N)} (last dim may be padded); got {got}")
+    for name, t in (("q", q), ("k", k), ("lse", lse)):
+        _check_device(name, t)
+    return _class_attention_from_lse(q, k, lse, float(scale), int(num_prefix_tokens))
 
 
 def attention_apply_triton(q, k, lse, values: torch.Tensor, *, scale: float, num_prefix_tokens: int,

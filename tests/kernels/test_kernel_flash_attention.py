@@ -6,7 +6,7 @@ GPU-only tests (fp16/bf16 parity at ViT lengths, torch.compile fullgraph) skip v
 import pytest
 import torch
 
-from aream_fast.kernels.flash_attention import attention_apply_triton, flash_attention
+from aream_fast.kernels.flash_attention import attention_apply_triton, class_attention_from_lse, flash_attention
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -223,6 +223,32 @@ def test_bad_inputs_raise_value_error():
         attention_apply_triton(q, k, lse[:, :1], torch.rand(1, 3, 8), scale=0.25, num_prefix_tokens=1)
     with pytest.raises(ValueError, match="values must be a \\(B, K, P\\)"):
         attention_apply_triton(q, k, lse, torch.rand(1, 3, 9), scale=0.25, num_prefix_tokens=1)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("B,H,N,D,C", [(2, 2, 17, 24, 3), (1, 3, 21, 16, 1)])
+def test_class_attention_from_external_lse(B, H, N, D, C):
+    """The class-attention kernel fed with an LSE computed elsewhere (here torch.logsumexp, padded to a longer
+    last dim as some SDPA backends return it) matches the eager head-mean softmax rows; q, k strided views."""
+    q, k, v = _qkv(B, H, N, D, noncontiguous=True)
+    scale = D ** -0.5
+    lse = torch.logsumexp((q @ k.transpose(-1, -2)) * scale, -1)
+    padded = torch.full((B, H, N + 5), float("nan"))
+    padded[..., :N] = lse
+    got = class_attention_from_lse(q, k, padded, scale=scale, num_prefix_tokens=C)
+    _, _, ref = _eager(q, k, v, scale, C)
+    assert got.shape == (B, C, N - C) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-7)
+    _, _, from_flash = flash_attention(q, k, v, scale=scale, num_prefix_tokens=C, return_class_attention=True)
+    torch.testing.assert_close(got, from_flash, rtol=1e-6, atol=1e-8)
+
+
+def test_class_attention_from_lse_rejects_bad_lse():
+    q, k, _ = _qkv(1, 2, 9, 16)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        class_attention_from_lse(q, k, torch.zeros(1, 2, 8), scale=0.25, num_prefix_tokens=1)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        class_attention_from_lse(q, k, torch.zeros(1, 2, 9, dtype=torch.float64), scale=0.25, num_prefix_tokens=1)
 
 
 def test_autotune_pruning_keeps_valid_configs():
