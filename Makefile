@@ -38,7 +38,8 @@ compile-check: $(STAMP)
 GPU_PY ?= python3
 GPU_OUT ?= .
 gpu-check:
-	env -u TRITON_INTERPRET -u AREAM_FAST_SKIP_AUTOTUNE PYTHONPATH=$(CURDIR) $(GPU_PY) scripts/gpu_check.py --out $(GPU_OUT)
+	env -u TRITON_INTERPRET -u AREAM_FAST_SKIP_AUTOTUNE PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+		$(GPU_PY) scripts/gpu_check.py --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
