@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench profile clean
+.PHONY: demo test test-fast bench profile compile-check gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,22 @@ bench: $(STAMP)
 
 profile: $(STAMP)
 	$(PY) benchmarks/profile_memory.py
+
+# Every kept autotune config of every Triton kernel compiled ahead of time for sm_90 at the training shape (no GPU
+# needed; ptxas from the triton wheel): fails on spills, shared memory over the H100 limit, or no wgmma where the
+# tile allows it. CI runs a representative part (tests/kernels/test_kernel_compile_sm90.py).
+compile-check: $(STAMP)
+	mkdir -p build
+	TRITON_INTERPRET=0 AREAM_FAST_SKIP_AUTOTUNE=0 $(PY) -m aream_fast.kernels.aot_sm90 \
+		--json build/sm90_configs.jsonl --markdown build/sm90_configs.md
+
+# The one command for a lent GPU machine: its own preinstalled python3/torch/triton (nothing is installed, the
+# checkout is put on the path), <= 8 minutes; writes $(GPU_OUT)/gpu_results.md and gpu_results.json.
+GPU_PY ?= python3
+GPU_OUT ?= .
+gpu-check:
+	env -u TRITON_INTERPRET -u AREAM_FAST_SKIP_AUTOTUNE PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+		$(GPU_PY) scripts/gpu_check.py --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

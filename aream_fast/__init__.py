@@ -11,9 +11,36 @@ are only imported when used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+
+def _map_checkout_kernels() -> None:
+    """Make ``aream_fast.kernels`` importable from a plain checkout (``PYTHONPATH=<repo>``, no install).
+
+    ``pyproject.toml`` installs the root ``kernels/`` folder as ``aream_fast.kernels``; an install (regular or
+    editable) finds it through its own finder and this does nothing. From a checkout nothing maps it, so the
+    folder ``<repo>/kernels`` is registered here under that name (its ``__init__`` only; the kernel modules,
+    and Triton, are still imported on first use)."""
+    name = __name__ + ".kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module
+
+
+_map_checkout_kernels()
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -59,6 +86,7 @@ _EXPORTS = {
     # Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)
     "flash_attention": "aream_fast.kernels.flash_attention",
     "attention_apply_triton": "aream_fast.kernels.flash_attention",
+    "class_attention_from_lse": "aream_fast.kernels.flash_attention",
     "aream_loss_triton": "aream_fast.kernels.aream_loss",
 }
 

@@ -20,10 +20,11 @@ the ragged tail tile (``EVEN_M`` / ``EVEN_N`` heuristics false) and a head dim b
 (``input_precision="ieee"``) under ``TRITON_INTERPRET=1`` (so tests match eager PyTorch) and on a GPU unless TF32
 matmuls are allowed (``_dot_precision``).
 
-Autotune: BLOCK_M ∈ {64, 128}, BLOCK_N ∈ {32, 64}, warps 4/8, stages 2-4 for tensor-core dots (fp16/bf16, TF32),
-32×16 / 32×32 tiles for exact fp32 dots, pruned by sequence length (``_prune_by_length``). With
-``AREAM_FAST_SKIP_AUTOTUNE=1`` or ``TRITON_INTERPRET=1`` (read at import) a single 16×16 config is used.
-Every kernel compiles for sm_90 (checked without a GPU: tests/test_kernel_flash_attention.py, ptxas).
+Autotune: per-kernel tile lists (``_FWD_TILES``, ``_DQ_TILES``, ``_DKDV_TILES``) for tensor-core dots
+(fp16/bf16, TF32), 32×16 / 32×32 tiles for exact fp32 dots, pruned by sequence length (``_prune_by_length``).
+With ``AREAM_FAST_SKIP_AUTOTUNE=1`` or ``TRITON_INTERPRET=1`` (read at import) a single 16×16 config is used.
+Every kept config compiles for sm_90 without spills (checked without a GPU: ``make compile-check``,
+tests/kernels/test_kernel_compile_sm90.py).
 
 CPU tensors are accepted only under ``TRITON_INTERPRET=1`` (tests). ``torch.compile`` of these ops needs CUDA
 (DESIGN.md "Backends"): pick the backend in Python before calling them.
@@ -38,7 +39,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["flash_attention", "attention_apply_triton"]
+__all__ = ["flash_attention", "attention_apply_triton", "class_attention_from_lse"]
 
 # log2(e): exp(x) = exp2(x * log2(e)). Inside the kernels it is written as the literal 1.4426950408889634 and
 # ln(2) as 0.6931471805599453 (a plain Python global is not a constexpr there).
@@ -57,48 +58,67 @@ _SKIP_AUTOTUNE = os.environ.get("AREAM_FAST_SKIP_AUTOTUNE", "0") == "1" or _inte
 # ----------------------------------------------------------------------------------------------------------------
 # Autotune configurations
 # ----------------------------------------------------------------------------------------------------------------
-def _configs(block_m_name: str, block_n_name: str) -> list:
-    """GPU configs (tutorial 06 ranges, plus small tiles kept only for exact-fp32 dots); one small config under
-    the interpreter / when autotune is skipped."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, from the sm_90 ahead-of-time review
+# (../shared/reference/kernel_review.md P4; checked for spills and wgmma at the training shape by
+# tests/kernels/test_kernel_compile_sm90.py). 128x64 with 4 warps spills in both backward kernels. In dK/dV the
+# owned key block is BLOCK_N and must be >= 64 for wgmma (tutorial 06 owns 128 keys and loops over 32 queries).
+_FWD_TILES = ([(bm, bn, 4, s) for bm in (64, 128) for bn in (32, 64) for s in (2, 3, 4)]
+              + [(128, 64, 8, s) for s in (2, 3, 4)] + [(128, 128, 8, s) for s in (2, 3)])
+_DQ_TILES = ([(bm, bn, 4, s) for bm, bn in ((64, 32), (64, 64), (128, 32)) for s in (2, 3, 4)]
+             + [(128, 64, 8, s) for s in (2, 3, 4)])
+_DKDV_TILES = ([(bm, 64, 4, s) for bm in (32, 64) for s in (2, 3)]
+               + [(bm, 128, 8, s) for bm in (32, 64) for s in (2, 3)])
+_EXACT_TILES = [(bm, bn, 4, s) for bm, bn in ((32, 16), (32, 32)) for s in (2, 3)]
+_TILES = {"fwd": _FWD_TILES, "dq": _DQ_TILES, "dkdv": _DKDV_TILES}
+
+
+def _configs(kind: str) -> list:
+    """GPU configs of kernel ``kind`` ("fwd", "dq", "dkdv"; tensor-core tiles, plus small tiles kept only for
+    exact-fp32 dots); one small config under the interpreter / when autotune is skipped."""
     if _SKIP_AUTOTUNE:
-        return [triton.Config({block_m_name: 16, block_n_name: 16}, num_warps=4, num_stages=1)]
-    tensor_core = [
-        triton.Config({block_m_name: bm, block_n_name: bn}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for bn in (32, 64)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-    ]
-    exact_fp32 = [
-        triton.Config({block_m_name: bm, block_n_name: bn}, num_warps=4, num_stages=s)
-        for bm, bn in ((32, 16), (32, 32))
-        for s in (2, 3)
-    ]
-    return tensor_core + exact_fp32
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in _TILES[kind] + _EXACT_TILES]
 
 
-def _prune_by_length(configs, named_args, **kwargs):
-    """Shape/precision pruning (tutorial 06 ``keep`` and ``prune_invalid_configs``):
+def _prune_by_length(configs, named_args, kind="fwd", **kwargs):
+    """Shape/precision pruning of kernel ``kind``'s configs (tutorial 06 ``keep`` and ``prune_invalid_configs``):
     exact fp32 dots (``DOT_PREC="ieee"`` on fp32 operands run on FMA units and spill on big tiles) keep only the
-    small tiles, tensor-core dots only the tutorial tiles; then drop blocks beyond the power-of-two rounded
-    sequence length and 8 warps on small tiles. Always returns at least one config."""
+    small tiles (dK/dV only 32x16), tensor-core dots only the per-kernel tiles, and with fp32 (TF32) operands
+    no 4-warp 128-row tile and, in dK/dV, only 32 inner query rows (the others spill: sm_90 sweep); then drop
+    blocks beyond the power-of-two rounded sequence length. Always returns at least one config."""
     if len(configs) == 1:
         return configs
-    exact = kwargs.get("DOT_PREC") == "ieee" and named_args["Q"].dtype == torch.float32
+    fp32 = named_args["Q"].dtype == torch.float32
+    exact = kwargs.get("DOT_PREC") == "ieee" and fp32
     n_pow2 = max(16, triton.next_power_of_2(int(named_args["N_CTX"])))
     kept = []
     for cfg in configs:
-        bm, bn = list(cfg.kwargs.values())[:2]
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         if exact != (bm * bn <= 32 * 32 or bn == 16):
+            continue
+        if exact and kind == "dkdv" and bn != 16:
+            continue
+        if not exact and fp32 and ((bm == 128 and cfg.num_warps == 4) or (kind == "dkdv" and bm != 32)):
             continue
         if bm > n_pow2 or bn > n_pow2:
             continue
-        if bm * bn < 128 * 64 and cfg.num_warps == 8:
-            continue
         kept.append(cfg)
     if not kept:
-        kept = [min(configs, key=lambda c: (list(c.kwargs.values())[0] * list(c.kwargs.values())[1], c.num_warps))]
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
     return kept
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return _prune_by_length(configs, named_args, "fwd", **kwargs)
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    return _prune_by_length(configs, named_args, "dq", **kwargs)
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    return _prune_by_length(configs, named_args, "dkdv", **kwargs)
 
 
 def _even(name: str, block: str):
@@ -175,8 +195,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N"), key=["N_CTX", "HEAD_DIM", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _prune_by_length})
+@triton.autotune(configs=_configs("fwd"), key=["N_CTX", "HEAD_DIM", "DOT_PREC"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.heuristics({"EVEN_M": _even("N_CTX", "BLOCK_M"), "EVEN_N": _even("N_CTX", "BLOCK_N")})
 @triton.jit
 def _flash_fwd_kernel(
@@ -317,8 +337,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     return dk, dv
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N"), key=["N_CTX", "HEAD_DIM", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _prune_by_length})
+@triton.autotune(configs=_configs("dkdv"), key=["N_CTX", "HEAD_DIM", "DOT_PREC"],
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.heuristics({"EVEN_M": _even("N_CTX", "BLOCK_M"), "EVEN_N": _even("N_CTX", "BLOCK_N")})
 @triton.jit
 def _flash_bwd_dkdv_kernel(
@@ -387,8 +407,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
     return dq
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N"), key=["N_CTX", "HEAD_DIM", "DOT_PREC"],
-                 prune_configs_by={"early_config_prune": _prune_by_length})
+@triton.autotune(configs=_configs("dq"), key=["N_CTX", "HEAD_DIM", "DOT_PREC"],
+                 prune_configs_by={"early_config_prune": _prune_dq})
 @triton.heuristics({"EVEN_M": _even("N_CTX", "BLOCK_M"), "EVEN_N": _even("N_CTX", "BLOCK_N")})
 @triton.jit
 def _flash_bwd_dq_kernel(
@@ -565,22 +585,36 @@ def _flash_attention_fwd(
         BLOCK_D=block_d, EVEN_D=(D == block_d), DOT_PREC=prec,
     )
     C = num_prefix_tokens if with_class_attention else 0
-    P = N - num_prefix_tokens
+    return o, lse, _class_attention(q, k, lse, scale, C, N - num_prefix_tokens)
+
+
+def _class_attention(q, k, lse, scale: float, C: int, P: int) -> torch.Tensor:
+    """(B, C, P) fp32 class-attention rows from the row LSE (called inside the triton_ops)."""
+    B, H, N, D = q.shape
     cls = torch.empty((B, C, P), dtype=torch.float32, device=q.device)
     if C > 0 and P > 0:
+        block_d = _block_d(D)
+        prec = _dot_precision(q.dtype)
         block_c = _small_block(C, 64)
         block_n = _small_block(P, 64)
         wrap_triton(_class_attn_kernel)[(triton.cdiv(P, block_n), triton.cdiv(C, block_c), B)](
-            q, k, lse, cls, qk_scale,
+            q, k, lse, cls, scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2), q.stride(3),
             k.stride(0), k.stride(1), k.stride(2), k.stride(3),
             lse.stride(0), lse.stride(1), lse.stride(2),
             cls.stride(0), cls.stride(1), cls.stride(2),
             H, N, C, D,
             BLOCK_D=block_d, EVEN_D=(D == block_d), BLOCK_C=block_c, BLOCK_N=block_n, DOT_PREC=prec,
-            num_warps=4,
+            num_warps=8 if prec == "ieee" else 4,  # exact fp32 spills with 4 warps (sm_90 sweep)
         )
-    return o, lse, cls
+    return cls
+
+
+@triton_op("aream_fast::class_attention_from_lse", mutates_args={})
+def _class_attention_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
+                              num_prefix_tokens: int) -> torch.Tensor:
+    """q, k (B,H,N,d), lse (B,H,N) fp32 natural log -> (B, C, P) fp32 (no autograd: an export)."""
+    return _class_attention(q, k, lse, scale, num_prefix_tokens, q.shape[2] - num_prefix_tokens)
 
 
 @triton_op("aream_fast::flash_attention_bwd", mutates_args={})
@@ -753,6 +787,35 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     if not return_lse and not return_class_attention:
         return o
     return o, (lse if return_lse else None), (cls if return_class_attention else None)
+
+
+def class_attention_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float,
+                             num_prefix_tokens: int) -> torch.Tensor:
+    """Head-mean class-token attention over the patch columns from a row log-sum-exp computed elsewhere.
+
+    For layers that need only the LSE (DESIGN.md item 6), another attention implementation can run the layer
+    (e.g. PyTorch's flash SDPA, ``torch.ops.aten._scaled_dot_product_flash_attention``, whose ``logsumexp``
+    output is this LSE) and this kernel adds the class attention ``flash_attention(...,
+    return_class_attention=True)`` would return.
+
+    Args:
+        q, k: (B, H, N, d) fp16/bf16/fp32, any strides (views of a packed qkv work).
+        lse: (B, H, N) fp32, natural-log row log-sum-exp of ``scale * q k^T`` (the last dim may be padded:
+            only the first N entries are read).
+        num_prefix_tokens: C class tokens in front of the P = N - C patches.
+
+    Returns:
+        (B, C, P) fp32: ``mean_h softmax(scale q k^T)[:, h, :C, C:]``; not differentiable.
+    """
+    _check_qk(q, k, scale, num_prefix_tokens)
+    B, H, N, _ = q.shape
+    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or lse.dim() != 3 \
+            or tuple(lse.shape[:2]) != (B, H) or lse.shape[2] < N:
+        got = (tuple(lse.shape), lse.dtype) if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be float32 of shape (B, H, N) = {(B, H, N)} (last dim may be padded); got {got}")
+    for name, t in (("q", q), ("k", k), ("lse", lse)):
+        _check_device(name, t)
+    return _class_attention_from_lse(q, k, lse, float(scale), int(num_prefix_tokens))
 
 
 def attention_apply_triton(q, k, lse, values: torch.Tensor, *, scale: float, num_prefix_tokens: int,

@@ -4,7 +4,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set in tests/conftest.py before
 and fp64 only, tiny odd shapes, 16x16 tiles so that P = 7, 17, 35 cover single, ragged and multi-tile cases.
 With ``TRITON_INTERPRET=0`` on a CUDA machine the same tests run the compiled kernels on the GPU, and the
 fp16/bf16, torch.compile and race tests at the bottom run too (they skip visibly otherwise):
-``TRITON_INTERPRET=0 pytest tests/test_kernel_aream_loss.py``.
+``TRITON_INTERPRET=0 pytest tests/kernels/test_kernel_aream_loss.py``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from aream_fast.kernels.aream_loss import _pair_counts, aream_loss_triton
+from aream_fast.kernels.aream_loss import _head_groups, _pair_counts, aream_layer_grads_triton, aream_loss_triton
 
 pytestmark = pytest.mark.interpret
 
@@ -260,6 +260,86 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     q, k, labels = _inputs(1, 1, 1, 5, 16, 1, device="cpu")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         module.aream_loss_triton(q, k, labels, scale=0.25, num_prefix_tokens=1)
+
+
+def test_layer_grads_entry_point_matches_loss_autograd():
+    """aream_layer_grads_triton (the deferred per-layer gradient) = the loss's autograd gradient of that layer,
+    also for q / k given as strided views of a packed (B, N, 3, H, d) qkv tensor (used without a copy)."""
+    n_layers, batch, heads, n_tokens, dim, num_prefix = 3, 2, 3, 19, 16, 2
+    q, k, labels = _inputs(n_layers, batch, heads, n_tokens, dim, num_prefix)
+    weights = torch.tensor([0.5, 1.0, 2.0], device=DEVICE)
+    kw = dict(scale=dim ** -0.5, num_prefix_tokens=num_prefix)
+    _, dq, dk = _loss_and_grads(aream_loss_triton, q, k, labels, layer_weights=weights, **kw)
+    for layer in range(n_layers):
+        qkv = torch.stack([q[layer].detach(), k[layer].detach()], dim=0).permute(1, 3, 0, 2, 4).contiguous()
+        q_view, k_view = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) views, shared strides
+        assert not q_view.is_contiguous() and q_view.stride() == k_view.stride()
+        got_q, got_k = aream_layer_grads_triton(q_view, k_view, labels, weight=float(weights[layer]) / n_layers,
+                                                **kw)
+        assert got_q.shape == (batch, heads, n_tokens, dim)
+        torch.testing.assert_close(got_q, dq[layer], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(got_k, dk[layer], rtol=1e-5, atol=1e-9)
+        assert got_q[:, :, :num_prefix].abs().max() == 0
+
+
+def test_layer_grads_entry_point_rejects_stacked_input():
+    q, k, labels = _inputs(2, 1, 1, 9, 16, 1)
+    with pytest.raises(ValueError, match="one layer's"):
+        aream_layer_grads_triton(q, k, labels, scale=0.25, num_prefix_tokens=1, weight=1.0)
+
+
+def test_head_groups_cover_all_heads():
+    """Backward head groups: balanced, every head in exactly one group (2 heads per group under the
+    interpreter, so H = 3 runs a ragged second group in the parity tests above)."""
+    for heads in range(1, 13):
+        per, n_groups = _head_groups(heads, 16)
+        assert per * n_groups >= heads > per * (n_groups - 1)
+        assert per <= (2 if _INTERPRETING else 16)
+
+
+def test_fp16_minority_pair_gradients_do_not_underflow():
+    """Review C1: when one pair class dominates the batch, the normalised coefficient n_small / n_large is tiny
+    (here 1 / 3845, all patches of one class), and with confident logits (S (1 - S) ~ 3e-4) G ~ 9e-8 is at the
+    bottom of fp16's subnormal range. The fp16 gradients, scaled as a GradScaler would, must still match the
+    fp32 reference computed from the same fp16-rounded inputs (G cast to fp16 before the second dot, as before
+    the fix, misses by tens of per cent)."""
+    batch, n_tokens, dim, num_prefix = 4, 32, 16, 1
+    base = torch.full((dim,), 2.0 ** 0.5)  # scale * q . k ~ 8 for every pair
+    q = (base + 0.1 * torch.randn(1, batch, 1, n_tokens, dim)).to(device=DEVICE, dtype=torch.float16)
+    k = (base + 0.1 * torch.randn(1, batch, 1, n_tokens, dim)).to(device=DEVICE, dtype=torch.float16)
+    labels = torch.zeros(batch, n_tokens - num_prefix, dtype=torch.int64, device=DEVICE)  # no negative pairs
+    kw = dict(scale=dim ** -0.5, num_prefix_tokens=num_prefix)
+
+    def scaled(fn):
+        return lambda *a, **k: fn(*a, **k) * 2.0 ** 16
+
+    _, dq, dk = _loss_and_grads(scaled(aream_loss_triton), q, k, labels, **kw)
+    _, dq_ref, dk_ref = _loss_and_grads(scaled(materialised_loss), q.float(), k.float(), labels, **kw)
+    assert dq.dtype == torch.float16
+    assert _rel_err(dq.float(), dq_ref) < 5e-3
+    assert _rel_err(dk.float(), dk_ref) < 5e-3
+
+
+def test_ops_check_stride_assumptions():
+    """Review C2: the triton_ops called directly reject q / k with different strides or a non-unit d-stride."""
+    from aream_fast.kernels.aream_loss import _aream_loss_fwd
+
+    q, k, labels = _inputs(1, 1, 1, 9, 16, 1)
+    coefs = torch.tensor([-1.0, 1.0, 0.1], device=DEVICE)
+    with pytest.raises(ValueError, match="share strides"):
+        _aream_loss_fwd(q.detach(), k.detach().transpose(-1, -2).contiguous().transpose(-1, -2), labels, coefs,
+                        0.25, 1, IGNORE)
+
+
+def test_pinned_config_parses_and_rejects(monkeypatch):
+    """Review C3: AREAM_FAST_LOSS_CONFIG pins one config; malformed values raise a clear ValueError."""
+    from aream_fast.kernels.aream_loss import _parse_pinned
+
+    cfg = _parse_pinned("64,128,8,3")
+    assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == (64, 128, 8, 3)
+    for bad in ("64,64,8", "a,b,c,d", "48,64,8,2"):
+        with pytest.raises(ValueError, match="AREAM_FAST_LOSS_CONFIG"):
+            _parse_pinned(bad)
 
 
 # ----------------------------------------------------------------------------------------------------- CUDA only
