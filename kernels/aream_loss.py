@@ -550,7 +550,7 @@ def aream_layer_grads_triton(
     ignore_index: int = 255,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight`` x (dL_l/dq, dL_l/dk) of one supervised layer, with the Triton backward and no autograd: the
-    kernel-side entry point of the deferred per-layer loss gradient (``aream_fast.loss_deferred``).
+    kernel-side entry point of the deferred per-layer loss gradient (``aream_fast.losses.deferred``).
 
     Args:
         q, k: (B, H, N, d) queries / keys of one layer; any strides (views of a packed (B, N, 3, H, d) qkv

@@ -336,7 +336,7 @@ def section_train_step(ctx: Context) -> dict:
 
     import torch
 
-    from aream_fast.train_step import build_step_case
+    from benchmarks.step_cases import build_step_case
 
     s = ctx.shape
     amp = ctx.device == "cuda" and not ctx.args.step_fp32

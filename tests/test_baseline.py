@@ -92,7 +92,7 @@ def test_baseline_loss_and_gradients_equal_reference_and_ours():
     # one full step (cls + 0.1 aff) without optimizer: same loss terms, same gradients
     t_base = official_training_step(twin, None, images, labels, par=None, supervised_layers=SUPERVISED, aff=aff)
     step = make_ours_step(model, par=OfficialPAR(), supervised_layers=SUPERVISED)  # the engine's AReAMStep
-    step.pseudo_labels_separate = lambda imgs, lbls: patch_labels  # same pseudo labels on both sides
+    step.labeler.from_model = lambda *args, **kwargs: patch_labels  # same pseudo labels on both sides
     t_ours = ours_training_step(step, None, images, labels)
     for key in ("loss", "loss_cls", "loss_aff"):
         torch.testing.assert_close(t_ours[key], t_base[key], rtol=1e-5, atol=1e-6)

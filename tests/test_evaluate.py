@@ -172,10 +172,10 @@ def test_voc_default_ground_truth_is_segmentation_class(tmp_path):
 def test_cam_eval_split_uses_segmentation_class_for_voc(tmp_path):
     # the trainer's end-of-run CAM score and make_cams.py --eval follow the same rule as evaluate.py
     from aream_fast.engine.build import build_cam_eval_split
-    from aream_fast.engine.config import TrainConfig
+    from aream_fast.engine.config import DataConfig
 
     root = _voc_tree_with_both_mask_folders(tmp_path)
-    cfg = TrainConfig(dataset="voc", data_root=str(root))
+    cfg = DataConfig(dataset="voc", data_root=str(root))
     ds = build_cam_eval_split(cfg, str(root), "train")
     assert ds.files.mask_dir.name == "SegmentationClass" and int(ds[0]["mask"].max()) == 3
     assert build_cam_eval_split(cfg, str(root), "train", mask_dir="SegmentationClassAug").files.mask_dir.name == \

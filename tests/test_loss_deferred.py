@@ -121,8 +121,8 @@ def test_errors():
         deferred_aream_loss(grads, labels)
     with pytest.raises(ValueError, match="no supervised layer"):
         deferred_aream_loss(DeferredGrads(), labels, scale=0.5, num_prefix_tokens=1)
-    with pytest.raises(ValueError, match="defer_loss_grad"):
-        deferred_aream_loss(object(), labels)
+    with pytest.raises(ValueError, match="DeferredGrads whose attach was the forward's qk_hook"):
+        deferred_aream_loss(object(), labels, scale=0.5, num_prefix_tokens=1)
 
 
 def _tiny_model(dtype=torch.float32):
@@ -140,10 +140,12 @@ def test_model_path_matches_aream_loss(dtype):
 
     def run(defer):
         model.zero_grad()
-        out = model(images, AttentionRequest(supervised_layers=(2, 3), defer_loss_grad=defer))
+        deferred = DeferredGrads() if defer else None
+        out = model(images, AttentionRequest(supervised_layers=(2, 3)), qk_hook=deferred.attach if defer else None)
         rec = out.records
         if defer:
-            loss = deferred_aream_loss(rec, labels, layer_weights=[0.3, 0.9])
+            loss = deferred_aream_loss(deferred, labels, scale=rec.scale, num_prefix_tokens=rec.num_prefix_tokens,
+                                       layer_weights=[0.3, 0.9])
         else:
             loss = aream_loss([rec.qs[2], rec.qs[3]], [rec.ks[2], rec.ks[3]], labels, scale=rec.scale,
                               num_prefix_tokens=rec.num_prefix_tokens, layer_weights=[0.3, 0.9])
@@ -176,8 +178,10 @@ def test_gradients_are_made_during_each_layers_backward(monkeypatch):
     monkeypatch.setattr(loss_deferred, "_layer_grads", logged)
     for i, blk in enumerate(model.blocks):
         blk.attn.qkv.weight.register_post_accumulate_grad_hook(lambda p, i=i: events.append(("qkv grad", i)))
-    out = model(torch.randn(2, 3, 64, 48), AttentionRequest(supervised_layers=(1, 2, 3), defer_loss_grad=True))
-    loss = deferred_aream_loss(out.records, torch.randint(0, 3, (2, 12)))
+    deferred = DeferredGrads()
+    out = model(torch.randn(2, 3, 64, 48), AttentionRequest(supervised_layers=(1, 2, 3)), qk_hook=deferred.attach)
+    loss = deferred_aream_loss(deferred, torch.randint(0, 3, (2, 12)), scale=out.records.scale,
+                               num_prefix_tokens=out.records.num_prefix_tokens)
     assert events == []  # nothing is made in the forward
     (out.patch_logits.sum() + loss).backward()
     assert events == [("loss grad", 3), ("qkv grad", 3), ("loss grad", 2), ("qkv grad", 2),

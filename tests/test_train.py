@@ -228,3 +228,29 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path):
     rows = [r for r in _rows(str(run_dir)) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 49))  # nothing lost, nothing repeated
     assert all(r["loss_aff"] > 0 for r in rows if r["aream_active"])  # nothing lost, nothing repeated
+
+
+def test_checkpoint_of_the_flat_config_layout_resumes_with_the_same_losses(tmp_path):
+    """A checkpoint written before the config had sections (flat config dict; commit 396c705, stopped after
+    step 6 of 8 with --max-steps 6, one CPU thread) resumes on this code with the losses that code's
+    uninterrupted run logged for steps 7 and 8 (tests/data/legacy_flat_config_losses.json)."""
+    from aream_fast.data import ensure_synthetic
+
+    legacy = json.load(open(os.path.join(ROOT, "tests", "data", "legacy_flat_config_losses.json")))
+    ckpt_path = os.path.join(ROOT, "tests", "data", "legacy_flat_config_checkpoint.pth")
+    assert "data" not in torch.load(ckpt_path, weights_only=False)["config"]  # really the old flat layout
+    root = tmp_path / "synthetic"
+    ensure_synthetic(root, num_train=16, num_val=6, image_size=48, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = str(tmp_path / "resumed")
+        argv = legacy["argv"] + ["--data-root", str(root), "--no-cams", "--run-dir", run_dir,
+                                 "--resume", ckpt_path]
+        assert train_script.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    resumed = _step_losses(run_dir)
+    assert sorted(resumed) == [7, 8]
+    for step in (7, 8):
+        assert resumed[step] == pytest.approx(legacy["losses"][str(step)], abs=1e-6, rel=0), step

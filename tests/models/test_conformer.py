@@ -307,7 +307,7 @@ def test_lr_schedule_is_the_official_cosine():
 
 
 def test_deferred_loss_grad_equals_direct():
-    from aream_fast import deferred_aream_loss
+    from aream_fast import DeferredGrads, deferred_aream_loss
 
     model, _ = tiny_pair()
     x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
@@ -316,10 +316,11 @@ def test_deferred_loss_grad_equals_direct():
     grads = []
     for defer in (False, True):
         model.zero_grad()
-        out = model(x, AttentionRequest(supervised_layers=SUPERVISED, defer_loss_grad=defer))
+        deferred = DeferredGrads() if defer else None
+        out = model(x, AttentionRequest(supervised_layers=SUPERVISED), qk_hook=deferred.attach if defer else None)
         rec = out.records
         if defer:
-            loss = deferred_aream_loss(rec, patch_labels)
+            loss = deferred_aream_loss(deferred, patch_labels, scale=rec.scale, num_prefix_tokens=1)
         else:
             loss = aream_loss([rec.qs[l] for l in SUPERVISED], [rec.ks[l] for l in SUPERVISED], patch_labels,
                               scale=rec.scale, num_prefix_tokens=1)
