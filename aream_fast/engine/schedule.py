@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warm-up then cosine, stepped once per optimizer step.
+"""Learning-rate schedules: linear warm-up then cosine (stage one) or poly (segmentation), stepped once per
+optimizer step.
 
 lr(t) for step t = 0 .. total_steps - 1 (the lr *used by* step t):
 
@@ -68,3 +69,23 @@ class WarmupCosineSchedule:
                                  f"resume with the same --epochs/--batch-size/--lr settings")
         self.last_step = int(state["last_step"])
         self._apply()
+
+
+class WarmupPolySchedule(WarmupCosineSchedule):
+    """Linear warm-up, then the poly decay segmentation trainers use (DeepLab; ToCo's segmentation stage):
+    ``min_lr + (base_lr - min_lr) * (1 - progress) ** power`` with progress in [0, 1] over the post-warm-up steps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
+                 warmup_lr: float = 1e-6, min_lr: float = 0.0, power: float = 0.9):
+        if not power > 0:
+            raise ValueError(f"power must be > 0, got {power}")
+        self.power = float(power)
+        super().__init__(optimizer, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                         warmup_lr=warmup_lr, min_lr=min_lr)
+
+    def lr_at(self, t: int) -> float:
+        if t < self.warmup_steps:
+            return super().lr_at(t)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (t - self.warmup_steps) / span)
+        return self.min_lr + (self.base_lr - self.min_lr) * (1.0 - progress) ** self.power

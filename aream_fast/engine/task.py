@@ -11,6 +11,7 @@ Order of the calls (fixed, so that the RNG stream and a resumed run are reproduc
     setup_data(ctx)            datasets (before any run folder exists: bad data fails first)
     build_model(ctx) -> model  on ctx.device, trainable parameters only
     build_optimizer(model)     default: AdamW with decay/no-decay groups
+    build_schedule(optimizer)  default: per-step warm-up + cosine
     precision_probe()          optional timing probe for --amp on CPU
     prepare(ctx, train_model)  train_model is the DDP-wrapped and/or compiled model; build the step here
     step(batch, epoch)         -> (loss, {name: 0-dim tensor}) for one optimizer step
@@ -62,6 +63,14 @@ class Task:
 
         optim = self.cfg.optim
         return build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay)
+
+    def build_schedule(self, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int):
+        """Default: linear warm-up then cosine (``engine.schedule.WarmupCosineSchedule``), stepped per step."""
+        from aream_fast.engine.schedule import WarmupCosineSchedule
+
+        optim = self.cfg.optim
+        return WarmupCosineSchedule(optimizer, base_lr=optim.lr, total_steps=total_steps,
+                                    warmup_steps=warmup_steps, warmup_lr=optim.warmup_lr, min_lr=optim.min_lr)
 
     def precision_probe(self) -> Optional[Callable[[], Tuple[float, float]]]:
         """A callable returning (fp32_s, bf16_s) of one model step on CPU, or None (no measurement)."""

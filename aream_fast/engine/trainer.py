@@ -34,7 +34,6 @@ from aream_fast.engine.interrupt import GracefulStop
 from aream_fast.engine.precision import Precision, choose_precision, precision_from_name
 from aream_fast.engine.run_log import RunLogger, write_manifest
 from aream_fast.engine.sampling import ResumableBatchSampler, SeededSampleDataset
-from aream_fast.engine.schedule import WarmupCosineSchedule
 from aream_fast.engine.task import Task, TaskContext
 
 RUNS_ROOT = "runs"
@@ -130,9 +129,8 @@ class Trainer:
         self.ctx.model = self.model
         self.optimizer = self.task.build_optimizer(self.model)
         warmup_steps = min(self.total_steps, int(round(optim.warmup_epochs * self.steps_per_epoch)))
-        self.schedule = WarmupCosineSchedule(self.optimizer, base_lr=optim.lr, total_steps=self.total_steps,
-                                             warmup_steps=warmup_steps, warmup_lr=optim.warmup_lr,
-                                             min_lr=optim.min_lr)
+        self.schedule = self.task.build_schedule(self.optimizer, total_steps=self.total_steps,
+                                                 warmup_steps=warmup_steps)
         self.precision: Precision = choose_precision(
             self.device, cfg.precision.amp, width=int(getattr(self.model, "embed_dim", 192)),
             cpu_mode=cfg.precision.cpu_amp, probe=self.task.precision_probe())
