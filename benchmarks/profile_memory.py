@@ -161,7 +161,8 @@ class ComponentTimer:
 
     def install_module_hooks(self):
         """Wrap the pseudo-label and loss entry points by module attribute (looked up at call time)."""
-        import aream_fast.official.mctformer as baseline
+        import aream_fast.official.pseudo_labels as official_pl
+        import aream_fast.official.step as official_step
         import aream_fast.pseudo_labels.cam as cam
         import aream_fast.losses.aream as loss
         import aream_fast.pseudo_labels.labels as pseudo_labels
@@ -169,11 +170,11 @@ class ComponentTimer:
         for mod, name, comp in ((cam, "pseudo_label_cams", "pseudo_cam"), (cam, "cams_from_output", "pseudo_cam"),
                                 (pseudo_labels, "cams_to_patch_labels", "par_labels"),
                                 (loss, "aream_loss", "loss_fwd"),
-                                (baseline, "official_gen_msf_cam", "pseudo_cam"),
-                                (baseline, "official_cam_to_seg", "par_labels"),
-                                (baseline, "official_fuse_segs", "par_labels"),
-                                (baseline, "official_seg_to_aff", "par_labels"),
-                                (baseline, "official_affinity_loss", "loss_fwd")):
+                                (official_pl, "gen_msf_cam", "pseudo_cam"),
+                                (official_pl, "official_cam_to_seg", "par_labels"),
+                                (official_pl, "fuse_segs", "par_labels"),
+                                (official_pl, "official_seg_to_aff", "par_labels"),
+                                (official_step, "official_affinity_loss", "loss_fwd")):
             setattr(mod, name, self.wrap(comp, getattr(mod, name)))
 
     def install_forward_hook(self, model):

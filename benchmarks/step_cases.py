@@ -2,7 +2,7 @@
 
 DESIGN.md "How we measure": the same step (forward, pseudo labels, loss, backward, optimizer step), measured as
 
-* ``"baseline"``   -- the official formulation (:mod:`aream_fast.official.mctformer`): eager attention returning
+* ``"baseline"``   -- the official formulation (:mod:`aream_fast.official`): eager attention returning
   pre-softmax logits, all layers stacked (L, B, H, N, N), loss on materialised (B, P, P) matrices, pseudo
   labels from a separate forward that materialises attention, per-image PAR, ``seg_to_aff``;
 * ``"ours"``       -- our default path, the engine's own step (``aream_fast.engine.aream_task.AReAMStep``): pseudo
@@ -15,7 +15,7 @@ DESIGN.md "How we measure": the same step (forward, pseudo labels, loss, backwar
 
 :func:`build_step_case` builds a model (random init, or a given one), its optimizer, a synthetic batch and
 returns a :class:`StepCase` whose ``step()`` runs one full training step. The baseline twin
-(:class:`aream_fast.official.mctformer.OfficialMCTformerV2`) is loaded with the same weights as our model.
+(:class:`aream_fast.official.model.OfficialMCTformerV2`) is loaded with the same weights as our model.
 
 Shapes: images (B, 3, S, S) ImageNet-normalised, labels (B, K) multi-hot float.
 """
@@ -148,7 +148,9 @@ def build_step_case(mode: str, *, model_name: str = "mct_deit_small", img_size: 
     images, labels = images.to(device), labels.to(device)
     supervised = tuple(int(l) for l in supervised_layers)
     if mode == "baseline":
-        from aream_fast.official.mctformer import OfficialMCTformerV2, OfficialPAR, official_training_step
+        from aream_fast.official.model import OfficialMCTformerV2
+        from aream_fast.official.pseudo_labels import OfficialPAR
+        from aream_fast.official.step import official_training_step
 
         twin = OfficialMCTformerV2.from_model(model, drop_path=drop_path)
         del model

@@ -37,7 +37,7 @@ _times = {}
 
 def build_export_case(provider: str, size: int, batch: int, device: str):
     """Build model + batch for ``provider``; returns a callable running forward + backward once."""
-    from aream_fast.official.mctformer import OfficialMCTformerV2
+    from aream_fast.official.model import OfficialMCTformerV2
     from aream_fast.models import build_model
     from aream_fast.models.records import AttentionRequest
 

@@ -42,7 +42,7 @@ def build_conformer_case(mode: str, size: int, batch: int, device: str):
     import torch.nn.functional as F
 
     from aream_fast import PAR, AttentionRequest, aream_loss, build_model
-    from aream_fast.official.mctformer import OfficialPAR
+    from aream_fast.official.pseudo_labels import OfficialPAR
     from aream_fast.pseudo_labels.conformer import conformer_layers, conformer_param_groups, conformer_patch_labels
     from aream_fast.official.conformer import OfficialConformer, official_conformer_training_step
 

@@ -1,6 +1,6 @@
 """Full AReAM training step (forward, pseudo labels, loss, backward, AdamW step), side by side:
 
-* ``baseline``   -- the official formulation (aream_fast.official.mctformer), same weights as ours;
+* ``baseline``   -- the official formulation (aream_fast.official), same weights as ours;
 * ``ours``       -- default path (pseudo labels from a separate no-grad forward with flip);
 * ``ours-reuse`` -- ``--pseudo-from-forward`` (pseudo labels from the training forward's records);
 * ``limit``      -- the same step with no AReAM (fused attention, classification losses only).

@@ -1,4 +1,4 @@
-"""The official-formulation baseline (aream_fast.official.mctformer) runs the SAME weights as our model and computes the
+"""The official-formulation baseline (aream_fast.official) runs the SAME weights as our model and computes the
 SAME loss, gradients and pseudo labels as our fused path, given the same weights / inputs / pseudo labels.
 
 Tiny MCTformer (D = 32, 4 blocks, 2 heads, K = 3), drop_path 0 so that both sides are deterministic.
@@ -7,17 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aream_fast.official.mctformer import (
-    OfficialMCTformerV2,
-    OfficialPAR,
-    official_affinity_loss,
-    official_cam_to_seg,
-    official_fuse_segs,
-    official_gen_msf_cam,
-    official_pseudo_affinity,
-    official_seg_to_aff,
-    official_training_step,
-)
+from aream_fast.official.loss import official_affinity_loss, official_seg_to_aff
+from aream_fast.official.model import OfficialMCTformerV2
+from aream_fast.official.pseudo_labels import OfficialPAR, gen_msf_cam, official_cam_to_seg, official_pseudo_affinity
+from aream_fast.official.step import official_training_step
+from aream_fast.pseudo_labels.labels import fuse_segs
 from aream_fast.models import build_model
 from aream_fast.models.records import AttentionRequest
 
@@ -129,10 +123,10 @@ def test_official_par_matches_ours():
     torch.testing.assert_close(PAR()(images, masks), OfficialPAR()(images, masks), rtol=1e-4, atol=1e-5)
 
 
-def test_official_fuse_segs_rule():
+def test_fuse_segs_rule():
     seg_l = torch.tensor([[[0, 0, 2, 3]]])
     seg_h = torch.tensor([[[0, 1, 0, 3]]])
-    assert official_fuse_segs(seg_l, seg_h).tolist() == [[[0, 1, 255, 3]]]
+    assert fuse_segs(seg_l, seg_h).tolist() == [[[0, 1, 255, 3]]]
 
 
 def test_official_pseudo_labels_match_ours():
@@ -147,7 +141,7 @@ def test_official_pseudo_labels_match_ours():
     twin = OfficialMCTformerV2.from_model(model).eval()
     images, labels = _batch(b=3, hw=(64, 48))
     layer_index = SUPERVISED[0]
-    cams_off = official_gen_msf_cam(twin, images, layer_index=layer_index) * labels[:, :, None, None]
+    cams_off = gen_msf_cam(twin, images, labels, refine_layers=range(layer_index))
     cams_ours = pseudo_label_cams(model, images, labels, refine_layers=tuple(range(layer_index)),
                                   class_attention_layers=tuple(range(DEPTH)), flip=True)
     # fp32 rounding only (min-max normalisation of an untrained model's small-range CAMs amplifies it; both

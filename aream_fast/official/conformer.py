@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aream_fast.official.mctformer import (OfficialBlock, OfficialPAR, official_affinity_loss, official_cam_to_seg,
-                                 official_fuse_segs, official_seg_to_aff)
+from aream_fast.official.loss import official_affinity_loss, official_seg_to_aff
+from aream_fast.official.model import OfficialBlock
+from aream_fast.official.pseudo_labels import OfficialPAR, official_cam_to_seg, official_minmax
+from aream_fast.pseudo_labels.labels import fuse_segs
 from aream_fast.models.conformer import ConvBlock, FCUDown, FCUUp
 
 __all__ = ["OfficialConformer", "official_conformer_gen_msf_cam", "official_conformer_pseudo_affinity", "official_apply_img_box",
@@ -175,9 +177,7 @@ def official_conformer_gen_msf_cam(model: OfficialConformer, images: Tensor, *,
         cam = torch.einsum("bmn,bcn->bcm", pat_att, cam.reshape(b, c, -1)).reshape(b, c, h, w)
         cam = F.interpolate(cam, size=[H, W], mode="bilinear", align_corners=False)
         cam_list += [cam[:B], cam[B:].flip(-1)]
-    cam = F.relu(torch.stack(cam_list, dim=0).sum(dim=0))
-    cam = cam + F.adaptive_max_pool2d(-cam, (1, 1))
-    return cam / (F.adaptive_max_pool2d(cam, (1, 1)) + 1e-6)
+    return official_minmax(torch.stack(cam_list, dim=0).sum(dim=0))
 
 
 def official_apply_img_box(seg: Tensor, img_box: Optional[Tensor], ignore_index: int = 255) -> Tensor:
@@ -205,7 +205,7 @@ def official_conformer_pseudo_affinity(model: OfficialConformer, images: Tensor,
     cams = cams * labels[:, :, None, None]
     seg_l = official_apply_img_box(official_cam_to_seg(par, images, labels, cams, bg_low), img_box)
     seg_h = official_apply_img_box(official_cam_to_seg(par, images, labels, cams, bg_high), img_box)
-    seg = official_fuse_segs(seg_l, seg_h)
+    seg = fuse_segs(seg_l, seg_h)
     return seg, official_seg_to_aff(seg, patch_size=model.patch_size)
 
 
@@ -268,7 +268,5 @@ def official_conformer_inference_cam(model: OfficialConformer, image: Tensor, la
             cam2 = F.interpolate(cam2, size=[ori_h, ori_w], mode="bilinear", align_corners=False)
         cam_list += [cam1, cam2]
     model.train(was_training)
-    cam = F.relu(torch.stack(cam_list, dim=0).sum(dim=0))
-    cam = cam + F.adaptive_max_pool2d(-cam, (1, 1))
-    cam = cam / (F.adaptive_max_pool2d(cam, (1, 1)) + 1e-6)
+    cam = official_minmax(torch.stack(cam_list, dim=0).sum(dim=0))
     return key.cpu().numpy().astype(np.int64), cam[0].cpu().numpy().astype(np.float32)

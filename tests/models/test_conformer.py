@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from aream_fast import PAR, AttentionRequest, aream_loss, build_model, load_pretrained
-from aream_fast.official.mctformer import OfficialPAR, official_seg_to_aff
+from aream_fast.official.loss import official_seg_to_aff
+from aream_fast.official.pseudo_labels import OfficialPAR
 from aream_fast.pseudo_labels.conformer import (CONFORMER_TRAINING, apply_crop_box, conformer_inference_cam,
                                        conformer_layers, conformer_lr_schedule, conformer_param_groups,
                                        conformer_patch_labels, conformer_pseudo_label_cams, conformer_random_crop,
