@@ -48,10 +48,9 @@ from aream_fast.analysis.diagnostics import (PER_LAYER_METRICS, DiagnosticsAccum
                                     layer_affinity_diagnostics)
 from aream_fast.analysis.entropy import (EntropyAccumulator, present_class_cam, refined_cams, save_entropy,  # noqa: E402
                                 spatial_entropy)
+from aream_fast.data.transforms import denormalize  # noqa: E402
 from aream_fast.models.records import AttentionRequest  # noqa: E402
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BOUNDED_01 = ("topk_mass", "row_similarity", "patch_mass", "fg_to_bg", "successive_similarity",
               "refined_cam_similarity")
 DEFAULT_SPLITS = {"synthetic": "train", "voc": "train_aug", "coco": "train"}
@@ -96,17 +95,22 @@ def _infer_architecture(sd: Dict[str, torch.Tensor], config: Dict[str, Any], num
 
 
 def load_model(path: str, device: torch.device, num_heads: Optional[int] = None):
-    """Build the model of a checkpoint and load its weights (eval mode).
+    """Build the model of a checkpoint and load its weights (eval mode). Returns (model, config dict).
 
-    Accepted formats: the TRAIN engine's checkpoints (``{"format": 1, "model": state_dict, "config":
-    TrainConfig dict, ...}``), any ``{"model": state_dict[, "config": {...}]}``, or a plain state dict.
-    Returns (model, config dict).
+    Accepted formats: the training engine's checkpoints (``{"format": 1, "model": ..., "config": ...,
+    "num_classes": ...}``), loaded by ``aream_fast.engine.build.load_model_from_checkpoint``; and foreign files
+    the engine does not read: ``{"model": state_dict[, "config": {...}]}`` or a plain state dict, whose
+    architecture is read from the state dict (``--num-heads`` where the head count cannot be read).
     """
+    from aream_fast.engine.build import load_model_from_checkpoint
     from aream_fast.models import build_model
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
     obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "format" in obj and "num_classes" in obj and num_heads is None:
+        model, cfg = load_model_from_checkpoint(path, device)
+        return model, cfg.to_dict()
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         sd, config = obj["model"], dict(obj.get("config") or {})
     elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -124,24 +128,22 @@ def load_model(path: str, device: torch.device, num_heads: Optional[int] = None)
 # ------------------------------------------------------------------------------------------------------------
 # data
 def build_split(dataset: str, root: Optional[str], split: str, config: Dict[str, Any]):
-    """The split at native size (``square_item`` resizes), via ``aream_fast.data.build_dataset``.
+    """The split at native size (``square_item`` resizes), via ``aream_fast.engine.build.build_split``.
 
     Synthetic without ``root``: the training run's cache, found from the checkpoint's config exactly as
     ``scripts/train.py`` does (``aream_fast.engine.build.resolve_data_root``; written once if missing)."""
-    from aream_fast.data import build_dataset
+    from aream_fast.engine import build as engine_build
+    from aream_fast.engine.config import TrainConfig
 
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k in known}) if config else TrainConfig()
+    cfg = dataclasses.replace(cfg, dataset=dataset, data_root=root)
     if dataset == "synthetic":
-        from aream_fast.engine.build import resolve_data_root
-        from aream_fast.engine.config import TrainConfig
-
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k in known}) if config else TrainConfig()
-        cfg = dataclasses.replace(cfg, dataset="synthetic", data_root=root)
         if root is None or not os.path.isfile(os.path.join(root, "synthetic_meta.json")):
-            root = resolve_data_root(cfg, create=True)
+            root = engine_build.resolve_data_root(cfg, create=True)
     elif root is None:
         raise ValueError(f"--data-root is required for --dataset {dataset}")
-    return build_dataset(dataset, root, split, train=False, image_size=None)
+    return engine_build.build_split(cfg, root, split, train=False, native_size=True)
 
 
 def square_item(item: Dict[str, Any], size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -228,9 +230,7 @@ def analyse(model, dataset, *, image_size: int, max_images: Optional[int], eps: 
         diag.update(metrics)
         if want_example:
             h, w = grid
-            mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-            rgb = (image[0] * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+            rgb = denormalize(image[0]).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             refined = f[:, 0].sum(dim=1).reshape(depth, h, w)  # s = Σ_k F_l[k] per layer
             examples.append({
                 "name": name, "image": rgb,

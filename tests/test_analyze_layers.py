@@ -33,7 +33,8 @@ def tiny_setup(tmp_path_factory):
     model = build_model_from_config(cfg, k)
     # the TRAIN engine's checkpoint format (aream_fast/engine/checkpoint.py)
     engine_ckpt = str(tmp / "checkpoint.pth")
-    torch.save({"format": 1, "model": model.state_dict(), "config": cfg.to_dict(), "epoch": 1}, engine_ckpt)
+    torch.save({"format": 1, "model": model.state_dict(), "config": cfg.to_dict(), "epoch": 1, "num_classes": k},
+               engine_ckpt)
     torch.manual_seed(1)
     other = build_model_from_config(cfg, k)
     with torch.no_grad():  # sharpen attention so the two checkpoints differ visibly

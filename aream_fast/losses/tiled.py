@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from aream_fast.losses.pairs import pair_counts
+from aream_fast.models.records import acc_dtype
 
 __all__ = ["aream_loss_tiled", "tile_rows"]
 
@@ -70,10 +71,6 @@ def tile_rows(batch: int, num_patches: int, element_size: int = 4, tile_bytes: O
     rows = tile_bytes // max(1, batch * num_patches * element_size)
     rows = max(8, (rows // 8) * 8)
     return min(rows, num_patches)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _merged_patches(x: Tensor, start: int, stop: int, acc: torch.dtype) -> Tensor:
@@ -128,7 +125,7 @@ def _aream_loss_tiled_fwd(
     num_patches = tokens - c
     width = heads * head_dim
     device = qs[0].device
-    acc = _acc_dtype(qs[0].dtype)
+    acc = acc_dtype(qs[0].dtype)
 
     labels = patch_labels.to(device=device, dtype=torch.int64)
     n_pos, n_neg = pair_counts(labels, ignore_index=ignore_index)
@@ -247,7 +244,7 @@ def _aream_loss_tiled_fwd(
 @_aream_loss_tiled_fwd.register_fake
 def _aream_loss_tiled_fwd_fake(qs, ks, patch_labels, layer_weights, scale, num_prefix_tokens, ignore_index,
                                compute_grad):
-    acc = _acc_dtype(qs[0].dtype)
+    acc = acc_dtype(qs[0].dtype)
     loss = qs[0].new_empty((), dtype=acc)
     if not compute_grad:
         return loss, [], []

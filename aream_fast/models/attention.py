@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aream_fast.models.records import acc_dtype
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "triton", "xformers")
 
 
@@ -72,7 +74,7 @@ def class_patch_attention(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: f
     c = int(num_prefix_tokens)
     if not 0 < c < q.shape[2]:
         raise ValueError(f"num_prefix_tokens must be in [1, N) with N={q.shape[2]}, got {num_prefix_tokens}")
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(q.dtype)
     logits = torch.matmul(q[:, :, :c].to(dtype) * scale, k.to(dtype).transpose(-2, -1))  # (B, H, C, N)
     return logits.softmax(dim=-1)[..., c:].mean(dim=1)
 

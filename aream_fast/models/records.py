@@ -118,6 +118,12 @@ class LayerSplit(NamedTuple):
         return tuple(range(self.depth))
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the torch paths: float64 for float64 inputs (gradcheck), float32 otherwise (fp16 /
+    bf16 / fp32 inputs accumulate in fp32). The Triton kernels in ``kernels/`` keep their own launcher copy."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def as_layer_list(xs: Union[Tensor, Sequence[Tensor]], name: str, *, allow_single: bool = False) -> Tuple[Tensor, ...]:
     """A per-layer argument as a tuple of (B, H, N, d) tensors.
 

@@ -300,15 +300,7 @@ def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Se
             if flip and flip_after_pad:
                 x = torch.cat([x, x.flip(-1)], dim=0)
             out = model(x, request)
-            rec = out.records
-            cam = out.cam.float()
-            nv, _, h, w = cam.shape
-            c = rec.num_prefix_tokens
-            if c > 1:
-                cam = cam * rec.class_attention.float().view(nv, c, h, w)
-            cam = cam[:, keys]
-            cam = attention_apply([rec.qs[layer] for layer in all_layers], [rec.ks[layer] for layer in all_layers],
-                                  cam.flatten(2), num_prefix_tokens=c, scale=rec.scale).view(nv, -1, h, w)
+            cam = refine_cam(out, all_layers, None, classes=keys[None].expand(out.cam.shape[0], -1))
             cam = F.interpolate(cam, size=(size[0] + pad_h, size[1] + pad_w), mode="bilinear", align_corners=False)
             if flip and flip_after_pad:
                 cam = torch.cat([cam[:1], cam[1:].flip(-1)], dim=0)
