@@ -1,6 +1,6 @@
 """One AReAM training step in each of the four modes that the benchmarks compare side by side.
 
-DESIGN.md "How we measure": the same step (forward, pseudo labels, loss, backward, optimizer step), measured as
+The benchmarks measure the same step (forward, pseudo labels, loss, backward, optimizer step), measured as
 
 * ``"official"``   -- the official formulation (:mod:`aream_fast.official`): eager attention returning
   pre-softmax logits, all layers stacked (L, B, H, N, N), loss on materialised (B, P, P) matrices, pseudo
@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 STEP_MODES = ("official", "ours", "ours-reuse", "cls-only")
 
-# official MCTformer settings (spec §2, §7): layer_index 7 of 12 -> supervised 7..11, refinement 0..6
+# official MCTformer settings (docs/semantics.md, "Affinity loss", "Training details"): layer_index 7 of 12 ->
+# supervised 7..11, refinement 0..6
 DEFAULT_SUPERVISED_LAYERS = (7, 8, 9, 10, 11)
 AREAM_WEIGHT = 0.1
 
@@ -49,7 +50,7 @@ def make_ours_step(model: nn.Module, *, par: Optional[nn.Module], supervised_lay
     ``aream=False``, "cls-only": exactly what ``scripts/train.py`` runs per step (eager, fp32).
 
     ``supervised_layers`` must be the deep layers [layer_index, depth) (official split); refinement uses the
-    layers before ``layer_index``, the class->patch attention all layers (spec §3.1).
+    layers before ``layer_index``, the class->patch attention all layers (docs/semantics.md, "CAM refinement").
     """
     import contextlib
 

@@ -1,4 +1,4 @@
-"""CAM generation for pseudo labels (spec §3.1 ``gen_msf_cam``), side by side:
+"""CAM generation for pseudo labels (docs/semantics.md, "CAM refinement" ``gen_msf_cam``), side by side:
 
 * ``official-eager`` -- the official formulation (``aream_fast.official.pseudo_labels.gen_msf_cam``):
   every block returns its (B, H, N, N) logits, ``torch.stack`` of all 12, softmax, head mean, dense class->patch

@@ -1,4 +1,5 @@
-"""Conformer-S AReAM training step at 384 px (spec §1.2, §2, §3.1, §9 Conformer paragraph), side by side:
+"""Conformer-S AReAM training step at 384 px (docs/semantics.md, "Conformer", "Affinity loss", "CAM refinement",
+"Memory" Conformer paragraph), side by side:
 
 * ``official`` -- ``aream_fast.official.conformer``: every block returns its (B, H, N, N) logits, the forward
   stacks all 12 with grad; pseudo labels from a separate no-grad forward of [x_s; flip(x_s)] at scales

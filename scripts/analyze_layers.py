@@ -2,7 +2,8 @@
 """Per-layer entropy (AReAM 'E' layer weights) and over-smoothing diagnostics of a trained checkpoint.
 
 Streams over a dataset split (batch 1, eval mode, every image resized to a square as the official entropy script
-``ent_voc_mctformer.py`` does, spec §4) and computes per layer, from each layer's q, k only (no N x N matrix kept
+``ent_voc_mctformer.py`` does, docs/semantics.md, "Entropy layer weights") and computes per layer, from each layer's q,
+k only (no N x N matrix kept
 across images; ``aream_fast.analysis.entropy``, ``aream_fast.analysis.diagnostics``):
 
 * the official spatial entropy E_l of the attention-refined CAM -> ``<out>/<label>/entropy.npy`` (+ JSON), the file
@@ -55,7 +56,7 @@ BOUNDED_01 = ("topk_mass", "row_similarity", "patch_mass", "fg_to_bg", "successi
               "refined_cam_similarity")
 DEFAULT_SPLITS = {"synthetic": "train", "voc": "train_aug", "coco": "train"}
 METRIC_TITLES = {
-    "entropy": "spatial entropy E_l of refined CAM (bits, spec §4)",
+    "entropy": "spatial entropy E_l of refined CAM (bits)",
     "row_entropy": "attention row entropy (bits)",
     "topk_mass": "attention mass in top-k patches",
     "effective_rank": "effective rank of patch affinity",
@@ -147,7 +148,8 @@ def build_split(dataset: str, root: Optional[str], split: str, config: Dict[str,
 
 
 def square_item(item: Dict[str, Any], size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Resize a dataset item's normalised image (3, H, W) to (1, 3, size, size), bicubic (spec §4: square resize;
+    """Resize a dataset item's normalised image (3, H, W) to (1, 3, size, size), bicubic
+    (docs/semantics.md, "Entropy layer weights": square resize;
     the official script resizes the PIL image before normalising, which differs only by PIL's uint8 rounding),
     and its mask (H, W) to (1, size, size) with nearest (as the data module resizes masks).
     Returns (image, mask or None)."""
@@ -202,7 +204,8 @@ def analyse(model, dataset, *, image_size: int, max_images: Optional[int], eps: 
         present = torch.nonzero(labels[0] > 0)[:, 0]
         if present.numel() == 0:
             n_no_label += 1
-        cam_v = present_class_cam(out.cam, labels)  # CAM_v (1, K_present, P), spec §4
+        # CAM_v (1, K_present, P): docs/semantics.md, "Entropy layer weights"
+        cam_v = present_class_cam(out.cam, labels)
         f = refined_cams(qs, ks, cam_v, num_prefix_tokens=rec.num_prefix_tokens, scale=rec.scale)  # (L,1,Kv,P)
         ent.update(spatial_entropy(f[:, 0], eps=eps), name)
         patch_labels = None
@@ -460,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, choices=["synthetic", "voc", "coco"],
                    help="default: the checkpoint's training dataset, else synthetic")
     p.add_argument("--data-root", default=None, help="dataset root (synthetic default: the checkpoint's training cache, as train.py finds it)")
-    p.add_argument("--split", default=None, help="default: train (synthetic, coco) / train_aug (voc), as spec §4")
+    p.add_argument("--split", default=None,
+                   help="default: train (synthetic, coco) / train_aug (voc), as the official entropy script")
     p.add_argument("--max-images", type=int, default=None, help="analyse the first N images (default: all)")
     p.add_argument("--image-size", type=int, default=None,
                    help="square size images are resized to (default: the checkpoint's training size; official 224)")

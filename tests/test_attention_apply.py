@@ -1,5 +1,6 @@
 """aream_fast.models.attention: class->patch rows and attention-apply against materialised attention, and SDPA's
-memory at a large N (DESIGN.md: V narrower than the head width makes CPU SDPA fall back to N x N)."""
+memory at a large N (docs/semantics.md, "Fast path", item 5: V narrower than the head width makes CPU SDPA fall back to
+N x N)."""
 import json
 import os
 import subprocess

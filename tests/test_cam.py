@@ -1,5 +1,6 @@
 """aream_fast.pseudo_labels.cam against the official formulation (materialised attention, aream_fast.official):
-spec §3.1 (gen_msf_cam), the from-forward variant, and §5.1 (inference seeds + npy format)."""
+docs/semantics.md, "CAM refinement" (gen_msf_cam), the from-forward variant, and "Inference CAMs" (seeds + npy
+format)."""
 import numpy as np
 import pytest
 import torch

@@ -153,7 +153,7 @@ def _voc_tree_with_both_mask_folders(tmp_path):
 
 
 def test_voc_default_ground_truth_is_segmentation_class(tmp_path):
-    # Official protocol (spec §5.3): VOC CAMs are scored against SegmentationClass even when
+    # Official protocol (docs/semantics.md, "Evaluation"): VOC CAMs are scored against SegmentationClass even when
     # SegmentationClassAug (preferred for training) exists; Aug is the fallback when Class lacks masks.
     ev = _load_script()
     root = _voc_tree_with_both_mask_folders(tmp_path)

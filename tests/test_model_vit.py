@@ -1,4 +1,5 @@
-"""aream_fast.models: timm parity, DeiT -> MCTformer loading (spec §1.1), attention export, compile, errors."""
+"""aream_fast.models: timm parity, DeiT -> MCTformer loading (docs/semantics.md, "Model"), attention export, compile,
+errors."""
 import math
 
 import pytest

@@ -1,6 +1,7 @@
-"""Public AReAM affinity loss from per-layer q, k: no N x N attention matrix (DESIGN.md "The one idea").
+"""Public AReAM affinity loss from per-layer q, k: no N x N attention matrix (docs/semantics.md, "Fast path").
 
-The official loss (Jessie459/AReAM, spec §2) applies a sigmoid to the head mean of the pre-softmax
+The official loss (Jessie459/AReAM, docs/semantics.md, "Affinity loss") applies a sigmoid to the head mean of the
+pre-softmax
 attention logits of each supervised layer, on the patch-patch block, and penalises it linearly against the
 pair label of the per-patch pseudo labels (1 same, 0 different, ignored if either side is ignored), with
 batch-global counts. ``aream_fast.official.loss.aream_loss_reference`` is that formulation on materialised
@@ -158,7 +159,8 @@ def aream_loss(
     ignore_index: int = 255,
     backend: str = "auto",
 ) -> Tensor:
-    """AReAM affinity loss (official semantics, spec §2) from the q, k of the supervised layers.
+    """AReAM affinity loss (official semantics, docs/semantics.md, "Affinity loss") from the q, k of the supervised
+    layers.
 
     Args:
         qs, ks: per supervised layer, the pre-scale queries / keys as SDPA takes them: a sequence of L

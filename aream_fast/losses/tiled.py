@@ -1,6 +1,7 @@
 """Tiled PyTorch backend of the AReAM affinity loss: no P x P tensor, gradients computed in the forward.
 
-Math (DESIGN.md "The one idea"; official loss in spec §2). Per supervised layer l, with merged heads
+Math (docs/semantics.md, "Fast path"; official loss in docs/semantics.md, "Affinity loss"). Per supervised layer l, with
+merged heads
 ``Q = concat_h q_h[C:]`` and ``K = concat_h k_h[C:]`` (B x P x H*d), the head mean of the pre-softmax
 patch logits is one matmul, ``Zbar = (scale / H) * Q K^T``, and ``S = sigmoid(Zbar)``. With the batch-global
 counts ``n_pos``, ``n_neg`` (``aream_fast.pseudo_labels.patch_labels.pair_counts``), ``a = 0.5 / n_pos``, ``b = 0.5 / n_neg``
@@ -30,7 +31,7 @@ for dK (B, P, H*d) -- the copies are free views when q, k come straight out of a
 The tiled loop is one opaque ``torch.library.custom_op`` (``aream_fast::aream_loss_tiled_fwd``, returning the
 loss and the per-layer gradients) with ``register_fake`` and ``register_autograd`` (whose backward is a plain
 scaling of the saved gradients): ``torch.compile(fullgraph=True)`` traces it as a single node (a tiled
-``torch.autograd.Function`` made inductor emit a broken backward, DESIGN.md). Because the gradients are made
+``torch.autograd.Function`` made inductor emit a broken backward). Because the gradients are made
 in the forward, a loss evaluated with grad enabled but never backpropagated costs the full 3 matmuls per layer;
 evaluate such losses under ``torch.no_grad()``.
 

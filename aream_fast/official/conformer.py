@@ -1,10 +1,11 @@
 """OFFICIAL-FORMULATION Conformer (slow, memory-hungry; for tests and benchmarks only).
 
 Follows networks/conformer.py, tools/camutils.py, main_voc_conformer.py and infer_conformer.py of
-Jessie459/AReAM (spec §1.2, §3.1, §5.2): every transformer block materialises its pre-softmax logits
+Jessie459/AReAM (docs/semantics.md, "Conformer", "CAM refinement", "Inference CAMs"): every transformer block
+materialises its pre-softmax logits
 Z_l = scale q k^T (B, H, N, N), softmaxes them for the value product and returns Z_l; the forward
 ``torch.stack``s all 12 (L, B, H, N, N, with grad); pseudo labels and inference CAMs softmax that stack again
-and build the patch affinity as dense (B, P, P) matrices (spec §9, Conformer paragraph).
+and build the patch affinity as dense (B, P, P) matrices (docs/semantics.md, "Memory").
 
 The module tree is built with the official three stage loops and the official names, so its state dict is
 the one of ``aream_fast.models.conformer.Conformer`` key for key: ``OfficialConformer.from_model`` copies the
@@ -59,7 +60,8 @@ class OfficialConvTransBlock(nn.Module):
 
 
 class OfficialConformer(nn.Module):
-    """Official ``Conformer`` (spec §1.2): forward(images (B, 3, H, W)) -> (cnn_logits (B, K), att_logits (B, K),
+    """Official ``Conformer`` (docs/semantics.md, "Conformer"): forward(images (B, 3, H, W)) -> (cnn_logits (B, K),
+    att_logits (B, K),
     cam (B, K, h, w) detached not ReLU'd, Z (L, B, H, N, N) stacked pre-softmax logits with grad).
 
     Note the official output order: the CNN logits come first (the fast model's ``patch_logits``), the
@@ -153,7 +155,8 @@ class OfficialConformer(nn.Module):
 def official_conformer_gen_msf_cam(model: OfficialConformer, images: Tensor, *,
                                    scales: Sequence[float] = (0.5, 1.0, 1.5), layer_index: int = 9,
                                    ent_weights: Optional[Tensor] = None) -> Tensor:
-    """tools/camutils.py ``gen_msf_cam`` on the one-class-token path (spec §3.1): (B, K, H, W) in [0, 1].
+    """tools/camutils.py ``gen_msf_cam`` on the one-class-token path (docs/semantics.md, "CAM refinement"): (B, K, H,
+    W) in [0, 1].
 
     Per scale: bilinear resize, batch [x_s; flip(x_s)] (2B images, the model in its current mode: officially
     train, so BN uses the 2B batch statistics), Z (L, 2B, H, N, N) -> softmax -> head mean; no class->patch
@@ -181,7 +184,8 @@ def official_conformer_gen_msf_cam(model: OfficialConformer, images: Tensor, *,
 
 
 def official_apply_img_box(seg: Tensor, img_box: Optional[Tensor], ignore_index: int = 255) -> Tensor:
-    """``cam_to_seg`` with ``img_box`` (spec §3.2 item 4): only the box [i1:i2, j1:j2] of each image is written,
+    """``cam_to_seg`` with ``img_box`` (docs/semantics.md, "Pseudo labels"): only the box [i1:i2, j1:j2] of each image
+    is written,
     the rest stays ``ignore_index``. seg (B, H, W); img_box (B, 4) int (i1, i2, j1, j2) or None (unchanged)."""
     if img_box is None:
         return seg
@@ -232,7 +236,7 @@ def official_conformer_training_step(model: OfficialConformer, images: Tensor, l
 @torch.no_grad()
 def official_conformer_inference_cam(model: OfficialConformer, image: Tensor, labels: Tensor, *,
                                      scales: Sequence[float] = (0.5, 1.0, 1.5)) -> Tuple[np.ndarray, np.ndarray]:
-    """infer_conformer.py ``_job`` for one image (spec §5.2), eval mode, dense attention.
+    """infer_conformer.py ``_job`` for one image (docs/semantics.md, "Inference CAMs"), eval mode, dense attention.
 
     image (3, H, W) normalised; labels (K,). Each scale: the image bicubic-resized to (int(sH), int(sW)) (the
     official code resizes the PIL image; here the tensor is resized with F.interpolate as the fast path does),

@@ -66,7 +66,7 @@ def gen_msf_cam(model: nn.Module, images: Tensor, labels: Tensor, *, refine_laye
                           refine_weights: Optional[Sequence[float]] = None,
                           class_attention_layers: Optional[Sequence[int]] = None,
                           scales: Sequence[float] = (1.0,), flip: bool = True) -> Tensor:
-    """Official ``gen_msf_cam`` (spec §3.1) times labels: (B, K, H, W)."""
+    """Official ``gen_msf_cam`` (docs/semantics.md, "CAM refinement") times labels: (B, K, H, W)."""
     b, _, hh, ww = images.shape
     c = model.num_prefix_tokens
     cls_layers = list(range(model.depth)) if class_attention_layers is None else list(class_attention_layers)
@@ -92,7 +92,8 @@ def cams_from_logits_reference(cam: Tensor, logits: Sequence[Tensor], labels: Te
                                *, num_prefix_tokens: int, refine_layers: Sequence[int],
                                refine_weights: Optional[Sequence[float]] = None,
                                class_attention_layers: Optional[Sequence[int]] = None) -> Tensor:
-    """The §3.1 computation on one forward's cam and logits (no flip, scale 1): (B, K, H, W)."""
+    """The "CAM refinement" computation (docs/semantics.md) on one forward's cam and logits (no flip, scale 1): (B, K,
+    H, W)."""
     attn_mean = torch.stack(list(logits)).softmax(dim=-1).mean(dim=2)
     cls_layers = list(range(len(logits))) if class_attention_layers is None else list(class_attention_layers)
     cam = _refine_dense(cam, attn_mean, num_prefix_tokens, refine_layers, refine_weights, cls_layers)
@@ -103,7 +104,8 @@ def cams_from_logits_reference(cam: Tensor, logits: Sequence[Tensor], labels: Te
 @torch.no_grad()
 def inference_cam_reference(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Sequence[float] = (1.0,),
                             flip: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-    """Official ``generate_attention_maps`` (spec §5.1), each view in its own batch-1 forward, eval mode."""
+    """Official ``generate_attention_maps`` (docs/semantics.md, "Inference CAMs"), each view in its own batch-1
+    forward, eval mode."""
     was_training = model.training
     model.eval()
     keys = torch.nonzero(labels > 0).flatten()
@@ -149,7 +151,7 @@ def _par_kernel() -> Tensor:
 
 
 class OfficialPAR(nn.Module):
-    """Pixel-adaptive refinement as the official ``networks/PAR.py`` computes it (spec §3.3).
+    """Pixel-adaptive refinement as the official ``networks/PAR.py`` computes it (docs/semantics.md, "PAR").
 
     forward(images (B, 3, h, w), masks (B, M, h, w)) -> (B, M, h, w). Builds the (B, M, 48, h, w) neighbour
     stack on every one of the ``num_iters`` iterations; replicate padding; no self term; weights not
@@ -200,7 +202,8 @@ class OfficialPAR(nn.Module):
 
 @torch.no_grad()
 def official_cam_to_seg(par: OfficialPAR, images: Tensor, labels: Tensor, cams: Tensor, score: float) -> Tensor:
-    """``cam_to_seg`` (spec §3.2) without ``img_box``: (B, H, W) int64 in {0 (bg), k + 1 (class k)}.
+    """``cam_to_seg`` (docs/semantics.md, "Pseudo labels") without ``img_box``: (B, H, W) int64 in {0 (bg), k + 1
+    (class k)}.
 
     images (B, 3, H, W) normalised; labels (B, K) multi-hot; cams (B, K, H, W) in [0, 1]; ``score`` the constant
     background channel. PAR runs at half resolution in a per-image Python loop over the present channels.

@@ -1,6 +1,7 @@
 """Per-patch pseudo labels for the AReAM affinity loss.
 
-Official rule (Jessie459/AReAM ``seg_to_aff``, spec §3.4): the pixel label map is downsampled with legacy
+Official rule (Jessie459/AReAM ``seg_to_aff``, docs/semantics.md, "Patch labels"): the pixel label map is downsampled
+with legacy
 ``nearest`` interpolation, whose source index is ``floor(i * patch_size)``, so each patch takes the label of
 its **top-left pixel** ``(patch_size * i, patch_size * j)`` -- not a majority vote, not the centre.
 """

@@ -25,12 +25,13 @@ def attention_apply(qs: Union[Tensor, Sequence[Tensor]], ks: Union[Tensor, Seque
 
     out[b, :, m] = (1/L) sum_l w_l * mean_h sum_n softmax(scale q_lh k_lh^T)[b, C+m, C+n] * values[b, :, n]
 
-    This is the official refinement ``cam' = R cam`` (spec §3.1 step 4-5): R = mean over layers of
+    This is the official refinement ``cam' = R cam`` (docs/semantics.md, "CAM refinement"): R = mean over layers of
     Ā_l[C:, C:] ('U', w = 1) or (1/L) sum_l (1 - e_l) Ā_l[C:, C:] ('E', pass w_l = 1 - e_l): the weights are
     not renormalised, the sum is divided by the number of layers. It runs as SDPA with the P patch queries,
     all N keys and V = [0 (C rows); values^T (P rows)], so softmax keeps the class columns in its
     denominator and drops them from the product. V's width is padded (or split into chunks) to the head
-    width d: with any other width SDPA on CPU silently falls back to its N x N math path (DESIGN.md).
+    width d: with any other width SDPA on CPU silently falls back to its N x N math path
+    (docs/semantics.md, "Fast path", item 5).
 
     qs, ks: sequence over L layers of (B, H, N, d), or one stacked (L, B, H, N, d) tensor.
     values: (B, K, P). layer_weights: None or L floats / (L,) tensor.

@@ -1,4 +1,5 @@
-"""Conformer (TransCAM-style AReAM, spec §1.2, §3.1, §5.2, §7) against the official-style eager Conformer.
+"""Conformer (TransCAM-style AReAM, docs/semantics.md, "Conformer", "CAM refinement", "Inference CAMs", "Training
+details") against the official-style eager Conformer.
 
 ``aream_fast.official.conformer.OfficialConformer`` is built with the official stage loops and materialises
 every layer's (B, H, N, N) logits; the fast ``Conformer`` gets the same weights (``from_model``). The models are
