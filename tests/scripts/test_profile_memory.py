@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = json.dumps({"embed_dim": 32, "depth": 4, "num_heads": 2})
 
 

@@ -1,6 +1,5 @@
 """scripts/analyze_layers.py end to end on a tiny checkpoint and a tiny synthetic split, with --compare."""
 import csv
-import importlib.util
 import json
 import os
 
@@ -8,14 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests._scripts import load_script
+
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("analyze_layers", os.path.join(ROOT, "scripts", "analyze_layers.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/analyze_layers.py", "analyze_layers")
 
 
 @pytest.fixture(scope="module")

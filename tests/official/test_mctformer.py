@@ -1,4 +1,4 @@
-"""The official-formulation baseline (aream_fast.official) runs the SAME weights as our model and computes the
+"""The official formulation (aream_fast.official) runs the SAME weights as our model and computes the
 SAME loss, gradients and pseudo labels as our fused path, given the same weights / inputs / pseudo labels.
 
 Tiny MCTformer (D = 32, 4 blocks, 2 heads, K = 3), drop_path 0 so that both sides are deterministic.
@@ -58,7 +58,7 @@ def test_twin_loads_our_weights_and_matches_our_forward():
             torch.testing.assert_close(z[layer], zl, rtol=1e-4, atol=1e-5)
 
 
-def test_baseline_loss_and_gradients_equal_reference_and_ours():
+def test_official_loss_and_gradients_equal_reference_and_ours():
     """Same weights, inputs and pseudo labels: official loss on (B, P, P) == aream_loss_reference == ours, and
     one backward gives the same parameter gradients."""
     from aream_fast.losses.aream import aream_loss
