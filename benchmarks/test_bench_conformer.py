@@ -96,10 +96,9 @@ def _peak(mode: str, device: str):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bench_conformer_step(benchmark, device, mode):
-    benchmark.group = f"conformer_small train step B={BATCH} {SIZE}px (pseudo labels 0.5/1/1.5 + flip)"
-    info = benchmark.extra_info
-    info.update(memory.machine_info())
-    info.update(mode=mode, size=SIZE, batch=BATCH, model="conformer_small", num_classes=NUM_CLASSES)
+    group = f"conformer_small train step B={BATCH} {SIZE}px (pseudo labels 0.5/1/1.5 + flip)"
+    info = memory.start_benchmark(benchmark, group,
+                                  mode=mode, size=SIZE, batch=BATCH, model="conformer_small", num_classes=NUM_CLASSES)
     mem = _peak(mode, device)
     if mem["status"] != "ok":
         pytest.fail(f"{mode} at {SIZE}px, batch {BATCH}: {mem['status']} ({mem.get('note')}); lower "

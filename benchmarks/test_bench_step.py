@@ -48,11 +48,9 @@ def _peak(mode: str, device: str):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bench_train_step(benchmark, device, mode):
-    benchmark.group = f"train_step {MODEL} B={BATCH} {SIZE}px"
-    info = benchmark.extra_info
-    info.update(memory.machine_info())
-    info.update(mode=mode, size=SIZE, batch=BATCH, model=MODEL, num_classes=NUM_CLASSES,
-                supervised_layers=list(DEFAULT_SUPERVISED_LAYERS))
+    info = memory.start_benchmark(benchmark, f"train_step {MODEL} B={BATCH} {SIZE}px", mode=mode, size=SIZE,
+                                  batch=BATCH, model=MODEL, num_classes=NUM_CLASSES,
+                                  supervised_layers=list(DEFAULT_SUPERVISED_LAYERS))
     mem = _peak(mode, device)
     info["memory_status"] = mem["status"]
     info["peak_mem_mib"] = mem.get("peak_mem_mib")  # CPU: peak RSS above post-build RSS (AdamW state included)

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from aream_fast.models.records import as_layer_list
+from aream_fast.models.records import as_layer_list, check_int_tensor
 
 from aream_fast.losses.tiled import aream_loss_tiled
 
@@ -90,12 +90,7 @@ def _validate(
             or scale == float("inf")):
         raise ValueError(f"scale must be a positive finite float (d ** -0.5), got {scale!r}")
 
-    if not isinstance(patch_labels, Tensor):
-        raise ValueError(f"patch_labels must be a (B, P) int64 tensor, got {type(patch_labels).__name__}")
-    if patch_labels.dim() != 2:
-        raise ValueError(f"patch_labels must have shape (B, P), got {tuple(patch_labels.shape)}")
-    if patch_labels.dtype.is_floating_point or patch_labels.dtype.is_complex or patch_labels.dtype == torch.bool:
-        raise ValueError(f"patch_labels must be an integer (int64) tensor, got dtype {patch_labels.dtype}")
+    check_int_tensor(patch_labels, "patch_labels", "B, P")
     if patch_labels.device != ref.device:
         raise ValueError(f"patch_labels is on {patch_labels.device}, expected {ref.device} (the device of qs)")
     num_patches = tokens - num_prefix_tokens

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aream_fast.models.records import check_int_tensor
+
 __all__ = ["aream_loss_reference", "patch_labels_to_affinity", "official_seg_to_aff", "official_affinity_loss"]
 
 
@@ -68,11 +70,7 @@ def aream_loss_reference(
         with ``S_l = sigmoid(mean_h Z_l[:, :, C:, C:])`` and batch-global counts. Computed in float32 for
         float16 / bfloat16 logits, otherwise in the logits' dtype.
     """
-    if not isinstance(patch_labels, Tensor) or patch_labels.dim() != 2:
-        got = tuple(patch_labels.shape) if isinstance(patch_labels, Tensor) else type(patch_labels).__name__
-        raise ValueError(f"patch_labels must be a (B, P) integer tensor, got {got}")
-    if patch_labels.dtype.is_floating_point or patch_labels.dtype.is_complex or patch_labels.dtype == torch.bool:
-        raise ValueError(f"patch_labels must be an integer tensor, got dtype {patch_labels.dtype}")
+    check_int_tensor(patch_labels, "patch_labels", "B, P")
     logits = list(attn_logits.unbind(0)) if isinstance(attn_logits, Tensor) else list(attn_logits)
     if len(logits) == 0:
         raise ValueError("attn_logits must hold at least one (B, H, N, N) tensor, got an empty sequence")

@@ -192,3 +192,21 @@ def test_official_training_step_updates_weights():
                                    supervised_layers=SUPERVISED)
     assert torch.isfinite(terms["loss"]) and terms["loss_aff"] > 0
     assert not torch.equal(before, twin.blocks[3].attn.qkv.weight)
+
+
+def test_gen_msf_cam_same_on_twin_and_on_our_model():
+    """The one official gen_msf_cam runs an OfficialMCTformerV2 or a WSSSViT (through forward_with_logits); on the
+    same weights both give the same CAMs, 'U' and 'E', with two scales."""
+    model = _tiny_model().eval()
+    twin = OfficialMCTformerV2.from_model(model).eval()
+    images, labels = _batch(b=2, hw=(64, 96))
+    for weights in (None, [0.3, 0.9]):
+        a = gen_msf_cam(model, images, labels, refine_layers=(0, 1), refine_weights=weights, scales=(1.0, 0.5))
+        b = gen_msf_cam(twin, images, labels, refine_layers=(0, 1), refine_weights=weights, scales=(1.0, 0.5))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert a.shape == (2, K, 64, 96) and float(a.max()) > 0.9  # min-max: the maximum is ~1
+
+
+def test_official_seg_to_aff_rejects_bad_seg():
+    with pytest.raises(ValueError, match="seg must be a"):
+        official_seg_to_aff(torch.zeros(2, 32, dtype=torch.long))
