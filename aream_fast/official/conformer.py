@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from aream_fast.official.loss import official_affinity_loss, official_seg_to_aff
 from aream_fast.official.model import OfficialBlock
-from aream_fast.official.pseudo_labels import OfficialPAR, official_cam_to_seg, official_minmax
+from aream_fast.official.pseudo_labels import OfficialPAR, gen_msf_cam, official_cam_to_seg, official_minmax
 from aream_fast.pseudo_labels.labels import fuse_segs
 from aream_fast.models.conformer import ConvBlock, FCUDown, FCUUp
 
@@ -156,7 +156,7 @@ def official_conformer_gen_msf_cam(model: OfficialConformer, images: Tensor, *,
                                    scales: Sequence[float] = (0.5, 1.0, 1.5), layer_index: int = 9,
                                    ent_weights: Optional[Tensor] = None) -> Tensor:
     """tools/camutils.py ``gen_msf_cam`` on the one-class-token path (docs/semantics.md, "CAM refinement"): (B, K, H,
-    W) in [0, 1].
+    W) in [0, 1]; the one :func:`aream_fast.official.pseudo_labels.gen_msf_cam` with the Conformer defaults.
 
     Per scale: bilinear resize, batch [x_s; flip(x_s)] (2B images, the model in its current mode: officially
     train, so BN uses the 2B batch statistics), Z (L, 2B, H, N, N) -> softmax -> head mean; no class->patch
@@ -164,23 +164,10 @@ def official_conformer_gen_msf_cam(model: OfficialConformer, images: Tensor, *,
     sum_l (1 - e_l) of it ('E', ``ent_weights`` e (L,)); cam' = R cam; upsample; un-flip. Sum, ReLU, per-(b, k)
     min-max. The caller multiplies by the labels.
     """
-    B, _, H, W = images.shape
-    cam_list = []
-    for scale in scales:
-        size = [int(H * scale), int(W * scale)]
-        img = images if size == [H, W] else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        _, _, cam, att = model(torch.cat([img, img.flip(-1)], dim=0))
-        att = att.softmax(dim=-1).mean(2)  # (L, 2B, N, N)
-        if ent_weights is None:
-            pat_att = att[:layer_index].mean(0)[:, 1:, 1:]
-        else:
-            w = (1.0 - ent_weights[:layer_index]).to(att)
-            pat_att = (att[:layer_index] * w.reshape(-1, 1, 1, 1)).mean(0)[:, 1:, 1:]
-        b, c, h, w = cam.shape
-        cam = torch.einsum("bmn,bcn->bcm", pat_att, cam.reshape(b, c, -1)).reshape(b, c, h, w)
-        cam = F.interpolate(cam, size=[H, W], mode="bilinear", align_corners=False)
-        cam_list += [cam[:B], cam[B:].flip(-1)]
-    return official_minmax(torch.stack(cam_list, dim=0).sum(dim=0))
+    weights = None if ent_weights is None else (1.0 - ent_weights[:layer_index]).tolist()
+    everything = images.new_ones(images.shape[0], model.num_classes)  # the caller multiplies by the labels
+    return gen_msf_cam(model, images, everything, refine_layers=range(layer_index), refine_weights=weights,
+                       scales=scales)
 
 
 def official_apply_img_box(seg: Tensor, img_box: Optional[Tensor], ignore_index: int = 255) -> Tensor:

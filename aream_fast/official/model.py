@@ -215,10 +215,11 @@ def forward_with_logits(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tenso
 
 
 def eager_logits(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tensor]:
-    """(cam (B, K, h, w), Z (L, B, H, N, N) stacked pre-softmax logits) of one official eager forward of either an
-    :class:`OfficialMCTformerV2` or a ``WSSSViT`` (through :func:`forward_with_logits`)."""
-    if isinstance(model, OfficialMCTformerV2):
-        _, _, cam, z = model(images)
-        return cam, z
-    _, _, cam, logits = forward_with_logits(model, images)
-    return cam, torch.stack(logits)
+    """(cam (B, K, h, w), Z (L, B, H, N, N) stacked pre-softmax logits) of one official eager forward of a
+    ``WSSSViT`` (through :func:`forward_with_logits`) or of an official model whose forward returns
+    (logits, logits, cam, stacked Z): :class:`OfficialMCTformerV2`, ``aream_fast.official.conformer.OfficialConformer``."""
+    if not isinstance(model, OfficialMCTformerV2) and hasattr(model, "embed") and hasattr(model, "heads"):
+        _, _, cam, logits = forward_with_logits(model, images)
+        return cam, torch.stack(logits)
+    _, _, cam, z = model(images)
+    return cam, z
