@@ -36,6 +36,16 @@ def machine_info() -> Dict[str, str]:
     return info
 
 
+def start_benchmark(benchmark, group: str, **fields) -> Dict[str, object]:
+    """Name a pytest-benchmark ``group`` and record the machine (:func:`machine_info`) and ``fields`` in its
+    ``extra_info``, which is returned for the measurements that follow."""
+    benchmark.group = group
+    info = benchmark.extra_info
+    info.update(machine_info())
+    info.update(fields)
+    return info
+
+
 def step_peak_memory(mode: str, *, size: int, batch: int, model: str = "mct_deit_small", num_classes: int = 20,
                      supervised_layers: Sequence[int] = (7, 8, 9, 10, 11), steps: int = 1, warmup: int = 1,
                      device: str = "auto", mem_limit_gb: float = 12.0, timeout: float = 600.0,

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Peak memory and step time of one full AReAM training step against input size, per mode.
 
-Modes (``benchmarks.step_cases``): ``baseline`` (the official formulation), ``ours`` (default path: pseudo
-labels from a separate no-grad forward with flip), ``ours-reuse`` (``--pseudo-from-forward``) and ``limit``
-(the same step without AReAM: fused attention, classification losses only).
+Modes (``benchmarks.step_cases``): ``official`` (the official formulation), ``ours`` (default path: pseudo
+labels from a separate no-grad forward with flip), ``ours-reuse`` (``--pseudo-from-forward``) and ``cls-only``
+(the same step without AReAM: fused attention, classification losses only). The old names ``baseline`` and
+``limit`` are still accepted by ``--modes`` / ``--mode`` as aliases of ``official`` and ``cls-only``.
 
 Every (mode, size) case runs in a **fresh subprocess** (this script re-invoked with ``--child``):
 
@@ -17,7 +18,7 @@ grows more than ``--mem-limit-gb`` above the post-build RSS (the cap is lowered 
 available, and the row says so). A case past ``--timeout`` seconds is recorded as ``timeout``. Once a mode
 fails at a size, its larger sizes are recorded as ``skipped`` (the curve ends there).
 
-Writes ``<out>.csv``, ``<out>.md`` (markdown table with ratios to the baseline and to the limit at each size)
+Writes ``<out>.csv``, ``<out>.md`` (markdown table with ratios to the official and the cls-only step at each size)
 and ``<out>.png`` (memory and time against size, a marker where each curve ends). Each row names the
 device, torch and triton versions.
 
@@ -43,12 +44,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-MODES = ("baseline", "ours", "ours-reuse", "limit")
+MODES = ("official", "ours", "ours-reuse", "cls-only")
+# Names used before the official / cls-only renaming, still accepted on the command line.
+MODE_ALIASES = {"baseline": "official", "limit": "cls-only"}
+RATIO_REFS = ("official", "cls-only")  # CSV columns <metric>_vs_official, <metric>_vs_cls_only
 STATUS_OK, STATUS_OOM, STATUS_TIMEOUT, STATUS_ERROR, STATUS_SKIPPED = "ok", "oom", "timeout", "error", "skipped"
 CSV_FIELDS = [
     "mode", "size", "batch", "status", "peak_mem_mib", "step_peak_mib", "step_time_s", "step_time_min_s", "steps",
-    "mem_vs_baseline", "time_vs_baseline", "mem_vs_limit", "time_vs_limit", "step_peak_vs_baseline",
-    "step_peak_vs_limit", "loss",
+    "mem_vs_official", "time_vs_official", "mem_vs_cls_only", "time_vs_cls_only", "step_peak_vs_official",
+    "step_peak_vs_cls_only", "loss",
     "t_forward_s", "t_pseudo_cam_s", "t_par_labels_s", "t_loss_fwd_s", "t_rest_s",
     "model", "supervised_layers", "num_classes", "loss_grad", "mem_limit_gb", "device", "cpu_model", "nproc", "threads",
     "torch", "triton", "timestamp", "note",
@@ -161,7 +165,8 @@ class ComponentTimer:
 
     def install_module_hooks(self):
         """Wrap the pseudo-label and loss entry points by module attribute (looked up at call time)."""
-        import aream_fast.official.mctformer as baseline
+        import aream_fast.official.pseudo_labels as official_pl
+        import aream_fast.official.step as official_step
         import aream_fast.pseudo_labels.cam as cam
         import aream_fast.losses.aream as loss
         import aream_fast.pseudo_labels.labels as pseudo_labels
@@ -169,11 +174,11 @@ class ComponentTimer:
         for mod, name, comp in ((cam, "pseudo_label_cams", "pseudo_cam"), (cam, "cams_from_output", "pseudo_cam"),
                                 (pseudo_labels, "cams_to_patch_labels", "par_labels"),
                                 (loss, "aream_loss", "loss_fwd"),
-                                (baseline, "official_gen_msf_cam", "pseudo_cam"),
-                                (baseline, "official_cam_to_seg", "par_labels"),
-                                (baseline, "official_fuse_segs", "par_labels"),
-                                (baseline, "official_seg_to_aff", "par_labels"),
-                                (baseline, "official_affinity_loss", "loss_fwd")):
+                                (official_pl, "gen_msf_cam", "pseudo_cam"),
+                                (official_pl, "official_cam_to_seg", "par_labels"),
+                                (official_pl, "fuse_segs", "par_labels"),
+                                (official_pl, "official_seg_to_aff", "par_labels"),
+                                (official_step, "official_affinity_loss", "loss_fwd")):
             setattr(mod, name, self.wrap(comp, getattr(mod, name)))
 
     def install_forward_hook(self, model):
@@ -450,22 +455,23 @@ def profile(args: argparse.Namespace) -> List[Dict[str, object]]:
 
 
 def add_ratios(rows: List[Dict[str, object]]) -> None:
-    """Fill mem/time ratios against the baseline and the limit measured at the same size in the same run."""
+    """Fill mem/time ratios against the official and the cls-only step measured at the same size in the same run."""
     by_key = {(r["mode"], r["size"]): r for r in rows}
     for r in rows:
         if r.get("status") != STATUS_OK:
             continue
-        for ref in ("baseline", "limit"):
+        for ref in RATIO_REFS:
             other = by_key.get((ref, r["size"]))
+            col = ref.replace("-", "_")
             if other is None or other.get("status") != STATUS_OK:
                 continue
             if float(other["peak_mem_mib"]) > 0:
-                r[f"mem_vs_{ref}"] = round(float(r["peak_mem_mib"]) / float(other["peak_mem_mib"]), 3)
+                r[f"mem_vs_{col}"] = round(float(r["peak_mem_mib"]) / float(other["peak_mem_mib"]), 3)
             if r.get("step_peak_mib") not in ("", None) and other.get("step_peak_mib") not in ("", None) and \
                     float(other["step_peak_mib"]) > 0:
-                r[f"step_peak_vs_{ref}"] = round(float(r["step_peak_mib"]) / float(other["step_peak_mib"]), 3)
+                r[f"step_peak_vs_{col}"] = round(float(r["step_peak_mib"]) / float(other["step_peak_mib"]), 3)
             if other.get("step_time_s") not in ("", None) and float(other["step_time_s"]) > 0:
-                r[f"time_vs_{ref}"] = round(float(r["step_time_s"]) / float(other["step_time_s"]), 3)
+                r[f"time_vs_{col}"] = round(float(r["step_time_s"]) / float(other["step_time_s"]), 3)
 
 
 def write_csv(rows: List[Dict[str, object]], path: str) -> None:
@@ -477,22 +483,22 @@ def write_csv(rows: List[Dict[str, object]], path: str) -> None:
 
 
 def markdown_table(rows: List[Dict[str, object]]) -> str:
-    """A markdown table: one line per (size, mode), ratios to the baseline and the limit of the same size."""
+    """A markdown table: one line per (size, mode), ratios to the official and the cls-only step of the same size."""
     def fmt(v, suffix=""):
         return "—" if v in ("", None) else f"{v}{suffix}"
 
     lines = [
-        "| size | mode | status | peak MiB | step s | mem / baseline | time / baseline | mem / limit | time / limit "
-        "| step peak MiB, live tensors (/ baseline, / limit) |",
+        "| size | mode | status | peak MiB | step s | mem / official | time / official | mem / cls-only "
+        "| time / cls-only | step peak MiB, live tensors (/ official, / cls-only) |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (int(r["size"]), MODES.index(r["mode"]) if r["mode"] in MODES else 9)):
         status = r["status"] if r["status"] == STATUS_OK else f"**{r['status']}**"
         lines.append(f"| {r['size']} | {r['mode']} | {status} | {fmt(r.get('peak_mem_mib'))} | "
-                     f"{fmt(r.get('step_time_s'))} | {fmt(r.get('mem_vs_baseline'), '×')} | "
-                     f"{fmt(r.get('time_vs_baseline'), '×')} | {fmt(r.get('mem_vs_limit'), '×')} | "
-                     f"{fmt(r.get('time_vs_limit'), '×')} | {fmt(r.get('step_peak_mib'))} "
-                     f"({fmt(r.get('step_peak_vs_baseline'), '×')}, {fmt(r.get('step_peak_vs_limit'), '×')}) |")
+                     f"{fmt(r.get('step_time_s'))} | {fmt(r.get('mem_vs_official'), '×')} | "
+                     f"{fmt(r.get('time_vs_official'), '×')} | {fmt(r.get('mem_vs_cls_only'), '×')} | "
+                     f"{fmt(r.get('time_vs_cls_only'), '×')} | {fmt(r.get('step_peak_mib'))} "
+                     f"({fmt(r.get('step_peak_vs_official'), '×')}, {fmt(r.get('step_peak_vs_cls_only'), '×')}) |")
     timed = [r for r in rows if r.get("status") == STATUS_OK and r.get("t_rest_s") not in ("", None)]
     if timed:
         lines += ["", "Where the step time goes (s per step; outermost call of each component, wall clock):", "",
@@ -536,7 +542,7 @@ def plot(rows: List[Dict[str, object]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"baseline": "tab:red", "ours": "tab:blue", "ours-reuse": "tab:green", "limit": "tab:gray"}
+    colors = {"official": "tab:red", "ours": "tab:blue", "ours-reuse": "tab:green", "cls-only": "tab:gray"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "peak_mem_mib", "peak memory (MiB): solid RSS, dashed live tensors"),
                            (axes[1], "step_time_s", "time of one step (s)")):
@@ -575,6 +581,11 @@ def plot(rows: List[Dict[str, object]], path: str) -> None:
     plt.close(fig)
 
 
+def _mode_name(name: str) -> str:
+    """A --modes / --mode value with the old names mapped to the new ones (baseline -> official, limit -> cls-only)."""
+    return MODE_ALIASES.get(name, name)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 320, 448, 512, 640])
@@ -583,7 +594,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps first (CPU: the C allocator's heap settles after 2-3 steps; before that each "
                         "step page-faults fresh memory and times are inflated)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, type=_mode_name,
+                   help="step modes (old names: baseline = official, limit = cls-only)")
     p.add_argument("--out", default="docs/figures/memory_step",
                    help="output prefix: writes <out>.csv, <out>.md and <out>.png")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
@@ -606,7 +618,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--replot", default="", metavar="CSV",
                    help="only redraw <out>.png from a CSV written by an earlier run")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--mode", default="ours", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="ours", choices=MODES, type=_mode_name, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=224, help=argparse.SUPPRESS)
     p.add_argument("--result-file", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -1,8 +1,8 @@
 """One AReAM training step in each of the four modes that the benchmarks compare side by side.
 
-DESIGN.md "How we measure": the same step (forward, pseudo labels, loss, backward, optimizer step), measured as
+The benchmarks measure the same step (forward, pseudo labels, loss, backward, optimizer step), measured as
 
-* ``"baseline"``   -- the official formulation (:mod:`aream_fast.official.mctformer`): eager attention returning
+* ``"official"``   -- the official formulation (:mod:`aream_fast.official`): eager attention returning
   pre-softmax logits, all layers stacked (L, B, H, N, N), loss on materialised (B, P, P) matrices, pseudo
   labels from a separate forward that materialises attention, per-image PAR, ``seg_to_aff``;
 * ``"ours"``       -- our default path, the engine's own step (``aream_fast.engine.aream_task.AReAMStep``): pseudo
@@ -11,11 +11,11 @@ DESIGN.md "How we measure": the same step (forward, pseudo labels, loss, backwar
   of the supervised layers and the fused loss (``aream_fast.losses.aream.aream_loss``);
 * ``"ours-reuse"`` -- ``--pseudo-from-forward``: pseudo labels from the training forward's own records
   (``aream_fast.pseudo_labels.cam.cams_from_output``), no extra forward, no flip;
-* ``"limit"``      -- the same step with no AReAM at all: fused attention, classification losses only.
+* ``"cls-only"``      -- the same step with no AReAM at all: fused attention, classification losses only.
 
 :func:`build_step_case` builds a model (random init, or a given one), its optimizer, a synthetic batch and
-returns a :class:`StepCase` whose ``step()`` runs one full training step. The baseline twin
-(:class:`aream_fast.official.mctformer.OfficialMCTformerV2`) is loaded with the same weights as our model.
+returns a :class:`StepCase` whose ``step()`` runs one full training step. The official twin
+(:class:`aream_fast.official.model.OfficialMCTformerV2`) is loaded with the same weights as our model.
 
 Shapes: images (B, 3, S, S) ImageNet-normalised, labels (B, K) multi-hot float.
 """
@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-STEP_MODES = ("baseline", "ours", "ours-reuse", "limit")
+STEP_MODES = ("official", "ours", "ours-reuse", "cls-only")
 
-# official MCTformer settings (spec §2, §7): layer_index 7 of 12 -> supervised 7..11, refinement 0..6
+# official MCTformer settings (docs/semantics.md, "Affinity loss", "Training details"): layer_index 7 of 12 ->
+# supervised 7..11, refinement 0..6
 DEFAULT_SUPERVISED_LAYERS = (7, 8, 9, 10, 11)
 AREAM_WEIGHT = 0.1
 
@@ -46,10 +47,10 @@ def make_ours_step(model: nn.Module, *, par: Optional[nn.Module], supervised_lay
                    aream: bool = True, pseudo_from_forward: bool = False, aream_weight: float = AREAM_WEIGHT,
                    loss_backend: str = "auto", defer_loss_grad: bool = True):
     """The engine's own step (``aream_fast.engine.aream_task.AReAMStep``) for modes "ours", "ours-reuse" and, with
-    ``aream=False``, "limit": exactly what ``scripts/train.py`` runs per step (eager, fp32).
+    ``aream=False``, "cls-only": exactly what ``scripts/train.py`` runs per step (eager, fp32).
 
     ``supervised_layers`` must be the deep layers [layer_index, depth) (official split); refinement uses the
-    layers before ``layer_index``, the class->patch attention all layers (spec §3.1).
+    layers before ``layer_index``, the class->patch attention all layers (docs/semantics.md, "CAM refinement").
     """
     import contextlib
 
@@ -130,9 +131,9 @@ def build_step_case(mode: str, *, model_name: str = "mct_deit_small", img_size: 
                     defer_loss_grad: bool = True) -> StepCase:
     """Build model (or take ``model``), AdamW (official lr 6.25e-5, wd 0.05) and a synthetic batch for ``mode``.
 
-    For "baseline", our model is built (same seed) and its weights are loaded into the official-formulation
+    For "official", our model is built (same seed) and its weights are loaded into the official-formulation
     twin, which replaces it. ``model_kwargs`` go to ``build_model`` (architecture overrides for tiny test models).
-    ``attention_backend`` of our model: None picks our Triton flash kernel on CUDA (SDPA for "limit") and SDPA on
+    ``attention_backend`` of our model: None picks our Triton flash kernel on CUDA (SDPA for "cls-only") and SDPA on
     CPU (the loss backend "auto" likewise picks Triton on CUDA), so on a GPU the same benchmark measures the
     Triton path. ``defer_loss_grad`` (ours, ours-reuse): the loss's q/k gradients are made in each supervised
     layer's backward (``aream_fast.losses.deferred``, the trainer's eager default) or, with False, in the
@@ -143,16 +144,18 @@ def build_step_case(mode: str, *, model_name: str = "mct_deit_small", img_size: 
     if model is None:
         from aream_fast.models import build_model
 
-        if attention_backend is None:  # the limit keeps SDPA: the fastest step without AReAM
-            attention_backend = "triton" if str(device).startswith("cuda") and mode != "limit" else "auto"
+        if attention_backend is None:  # cls-only keeps SDPA: the fastest step without AReAM
+            attention_backend = "triton" if str(device).startswith("cuda") and mode != "cls-only" else "auto"
         model = build_model(model_name, num_classes=num_classes, img_size=img_size, drop_path=drop_path,
                             attention_backend=attention_backend, **(model_kwargs or {}))
     model = model.to(device)
     images, labels = synthetic_batch(batch, img_size, num_classes, seed=seed)
     images, labels = images.to(device), labels.to(device)
     supervised = tuple(int(l) for l in supervised_layers)
-    if mode == "baseline":
-        from aream_fast.official.mctformer import OfficialMCTformerV2, OfficialPAR, official_training_step
+    if mode == "official":
+        from aream_fast.official.model import OfficialMCTformerV2
+        from aream_fast.official.pseudo_labels import OfficialPAR
+        from aream_fast.official.step import official_training_step
 
         twin = OfficialMCTformerV2.from_model(model, drop_path=drop_path)
         del model
@@ -166,12 +169,12 @@ def build_step_case(mode: str, *, model_name: str = "mct_deit_small", img_size: 
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
         par = None
-        if mode != "limit":
+        if mode != "cls-only":
             from aream_fast.pseudo_labels.par import PAR
 
             par = PAR().to(device)
 
-        areamstep = make_ours_step(model, par=par, supervised_layers=supervised, aream=mode != "limit",
+        areamstep = make_ours_step(model, par=par, supervised_layers=supervised, aream=mode != "cls-only",
                                    pseudo_from_forward=mode == "ours-reuse", loss_backend=loss_backend,
                                    defer_loss_grad=defer_loss_grad)
 

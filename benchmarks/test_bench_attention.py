@@ -37,7 +37,7 @@ _times = {}
 
 def build_export_case(provider: str, size: int, batch: int, device: str):
     """Build model + batch for ``provider``; returns a callable running forward + backward once."""
-    from aream_fast.official.mctformer import OfficialMCTformerV2
+    from aream_fast.official.model import OfficialMCTformerV2
     from aream_fast.models import build_model
     from aream_fast.models.records import AttentionRequest
 
@@ -85,10 +85,9 @@ def _peak(provider: str, device: str):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_bench_attention_export(benchmark, device, provider):
-    benchmark.group = f"attention export fwd+bwd {MODEL} B={BATCH} {SIZE}px"
-    info = benchmark.extra_info
-    info.update(memory.machine_info())
-    info.update(provider=provider, size=SIZE, batch=BATCH, model=MODEL, supervised_layers=list(DEFAULT_SUPERVISED_LAYERS))
+    info = memory.start_benchmark(benchmark, f"attention export fwd+bwd {MODEL} B={BATCH} {SIZE}px",
+                                  provider=provider, size=SIZE, batch=BATCH, model=MODEL,
+                                  supervised_layers=list(DEFAULT_SUPERVISED_LAYERS))
     mem = _peak(provider, device)
     if mem["status"] != "ok":
         pytest.fail(f"{provider}: {mem['status']} ({mem.get('note')})")

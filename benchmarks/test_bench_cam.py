@@ -1,6 +1,6 @@
-"""CAM generation for pseudo labels (spec §3.1 ``gen_msf_cam``), side by side:
+"""CAM generation for pseudo labels (docs/semantics.md, "CAM refinement" ``gen_msf_cam``), side by side:
 
-* ``official-eager`` -- the official formulation (``aream_fast.official.cam.gen_msf_cam_reference``):
+* ``official-eager`` -- the official formulation (``aream_fast.official.pseudo_labels.gen_msf_cam``):
   every block returns its (B, H, N, N) logits, ``torch.stack`` of all 12, softmax, head mean, dense class->patch
   map and dense R;
 * ``ours``           -- ``aream_fast.pseudo_labels.cam.pseudo_label_cams``: fused attention, class rows C x N, refinement as
@@ -37,14 +37,14 @@ def build_cam_case(provider: str, size: int, device: str):
     """Build model + one image for ``provider``; returns a callable generating the pseudo-label CAMs once."""
     from aream_fast.pseudo_labels.cam import pseudo_label_cams
     from aream_fast.models import build_model
-    from aream_fast.official.cam import gen_msf_cam_reference
+    from aream_fast.official.pseudo_labels import gen_msf_cam
 
     torch.manual_seed(0)
     model = build_model(MODEL, num_classes=NUM_CLASSES, img_size=224, drop_path=0.0).to(device).train()
     images = torch.randn(1, 3, size, size, device=device)
     labels = torch.zeros(1, NUM_CLASSES, device=device)
     labels[0, [3, 14]] = 1.0
-    fn = gen_msf_cam_reference if provider == "official-eager" else pseudo_label_cams
+    fn = gen_msf_cam if provider == "official-eager" else pseudo_label_cams
 
     def run():
         fn(model, images, labels, refine_layers=LAYERS, class_attention_layers=LAYERS, scales=(1.0,), flip=True)

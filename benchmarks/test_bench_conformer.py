@@ -1,4 +1,5 @@
-"""Conformer-S AReAM training step at 384 px (spec §1.2, §2, §3.1, §9 Conformer paragraph), side by side:
+"""Conformer-S AReAM training step at 384 px (docs/semantics.md, "Conformer", "Affinity loss", "CAM refinement",
+"Memory" Conformer paragraph), side by side:
 
 * ``official`` -- ``aream_fast.official.conformer``: every block returns its (B, H, N, N) logits, the forward
   stacks all 12 with grad; pseudo labels from a separate no-grad forward of [x_s; flip(x_s)] at scales
@@ -42,7 +43,7 @@ def build_conformer_case(mode: str, size: int, batch: int, device: str):
     import torch.nn.functional as F
 
     from aream_fast import PAR, AttentionRequest, aream_loss, build_model
-    from aream_fast.official.mctformer import OfficialPAR
+    from aream_fast.official.pseudo_labels import OfficialPAR
     from aream_fast.pseudo_labels.conformer import conformer_layers, conformer_param_groups, conformer_patch_labels
     from aream_fast.official.conformer import OfficialConformer, official_conformer_training_step
 
@@ -95,10 +96,9 @@ def _peak(mode: str, device: str):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bench_conformer_step(benchmark, device, mode):
-    benchmark.group = f"conformer_small train step B={BATCH} {SIZE}px (pseudo labels 0.5/1/1.5 + flip)"
-    info = benchmark.extra_info
-    info.update(memory.machine_info())
-    info.update(mode=mode, size=SIZE, batch=BATCH, model="conformer_small", num_classes=NUM_CLASSES)
+    group = f"conformer_small train step B={BATCH} {SIZE}px (pseudo labels 0.5/1/1.5 + flip)"
+    info = memory.start_benchmark(benchmark, group,
+                                  mode=mode, size=SIZE, batch=BATCH, model="conformer_small", num_classes=NUM_CLASSES)
     mem = _peak(mode, device)
     if mem["status"] != "ok":
         pytest.fail(f"{mode} at {SIZE}px, batch {BATCH}: {mem['status']} ({mem.get('note')}); lower "

@@ -1,4 +1,5 @@
-"""Pseudo labels from CAMs (spec §3.2-3.4: bg scores 0.35 / 0.55, PAR, fusion, per-patch labels), side by side:
+"""Pseudo labels from CAMs (docs/semantics.md, "Pseudo labels", "PAR", "Patch labels": bg scores 0.35 / 0.55, PAR,
+fusion, per-patch labels), side by side:
 
 * ``official-loop`` -- the official formulation: ``cam_to_seg`` called once per bg score, a Python loop over
   images selecting each image's channels, and the official-style PAR (per-dilation replicate pad + one-hot
@@ -29,7 +30,7 @@ K = 20
 
 
 class OfficialStylePAR(torch.nn.Module):
-    """Spec §3.3 written the way the official module computes it (stacked 48-neighbour tensors)."""
+    """PAR (docs/semantics.md, "PAR") written the way the official module computes it (stacked 48-neighbour tensors)."""
 
     def __init__(self, dilations=(1, 2, 4, 8, 12, 24), num_iters=10, w1=0.3, w2=0.01):
         super().__init__()

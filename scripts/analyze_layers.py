@@ -2,7 +2,8 @@
 """Per-layer entropy (AReAM 'E' layer weights) and over-smoothing diagnostics of a trained checkpoint.
 
 Streams over a dataset split (batch 1, eval mode, every image resized to a square as the official entropy script
-``ent_voc_mctformer.py`` does, spec §4) and computes per layer, from each layer's q, k only (no N x N matrix kept
+``ent_voc_mctformer.py`` does, docs/semantics.md, "Entropy layer weights") and computes per layer, from each layer's q,
+k only (no N x N matrix kept
 across images; ``aream_fast.analysis.entropy``, ``aream_fast.analysis.diagnostics``):
 
 * the official spatial entropy E_l of the attention-refined CAM -> ``<out>/<label>/entropy.npy`` (+ JSON), the file
@@ -48,15 +49,14 @@ from aream_fast.analysis.diagnostics import (PER_LAYER_METRICS, DiagnosticsAccum
                                     layer_affinity_diagnostics)
 from aream_fast.analysis.entropy import (EntropyAccumulator, present_class_cam, refined_cams, save_entropy,  # noqa: E402
                                 spatial_entropy)
+from aream_fast.data.transforms import denormalize  # noqa: E402
 from aream_fast.models.records import AttentionRequest  # noqa: E402
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BOUNDED_01 = ("topk_mass", "row_similarity", "patch_mass", "fg_to_bg", "successive_similarity",
               "refined_cam_similarity")
 DEFAULT_SPLITS = {"synthetic": "train", "voc": "train_aug", "coco": "train"}
 METRIC_TITLES = {
-    "entropy": "spatial entropy E_l of refined CAM (bits, spec §4)",
+    "entropy": "spatial entropy E_l of refined CAM (bits)",
     "row_entropy": "attention row entropy (bits)",
     "topk_mass": "attention mass in top-k patches",
     "effective_rank": "effective rank of patch affinity",
@@ -96,17 +96,22 @@ def _infer_architecture(sd: Dict[str, torch.Tensor], config: Dict[str, Any], num
 
 
 def load_model(path: str, device: torch.device, num_heads: Optional[int] = None):
-    """Build the model of a checkpoint and load its weights (eval mode).
+    """Build the model of a checkpoint and load its weights (eval mode). Returns (model, config dict).
 
-    Accepted formats: the TRAIN engine's checkpoints (``{"format": 1, "model": state_dict, "config":
-    TrainConfig dict, ...}``), any ``{"model": state_dict[, "config": {...}]}``, or a plain state dict.
-    Returns (model, config dict).
+    Accepted formats: the training engine's checkpoints (``{"format": 1, "model": ..., "config": ...,
+    "num_classes": ...}``), loaded by ``aream_fast.engine.build.load_model_from_checkpoint``; and foreign files
+    the engine does not read: ``{"model": state_dict[, "config": {...}]}`` or a plain state dict, whose
+    architecture is read from the state dict (``--num-heads`` where the head count cannot be read).
     """
+    from aream_fast.engine.build import load_model_from_checkpoint
     from aream_fast.models import build_model
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
     obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "format" in obj and "num_classes" in obj and num_heads is None:
+        model, cfg = load_model_from_checkpoint(path, device)
+        return model, cfg.to_dict()
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         sd, config = obj["model"], dict(obj.get("config") or {})
     elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -124,28 +129,27 @@ def load_model(path: str, device: torch.device, num_heads: Optional[int] = None)
 # ------------------------------------------------------------------------------------------------------------
 # data
 def build_split(dataset: str, root: Optional[str], split: str, config: Dict[str, Any]):
-    """The split at native size (``square_item`` resizes), via ``aream_fast.data.build_dataset``.
+    """The split at native size (``square_item`` resizes), via ``aream_fast.engine.build.build_split``.
 
     Synthetic without ``root``: the training run's cache, found from the checkpoint's config exactly as
     ``scripts/train.py`` does (``aream_fast.engine.build.resolve_data_root``; written once if missing)."""
-    from aream_fast.data import build_dataset
+    from aream_fast.engine import build as engine_build
+    from aream_fast.engine.config import TrainConfig
 
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k in known}) if config else TrainConfig()
+    cfg = dataclasses.replace(cfg, dataset=dataset, data_root=root)
     if dataset == "synthetic":
-        from aream_fast.engine.build import resolve_data_root
-        from aream_fast.engine.config import TrainConfig
-
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k in known}) if config else TrainConfig()
-        cfg = dataclasses.replace(cfg, dataset="synthetic", data_root=root)
         if root is None or not os.path.isfile(os.path.join(root, "synthetic_meta.json")):
-            root = resolve_data_root(cfg, create=True)
+            root = engine_build.resolve_data_root(cfg, create=True)
     elif root is None:
         raise ValueError(f"--data-root is required for --dataset {dataset}")
-    return build_dataset(dataset, root, split, train=False, image_size=None)
+    return engine_build.build_split(cfg, root, split, train=False, native_size=True)
 
 
 def square_item(item: Dict[str, Any], size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Resize a dataset item's normalised image (3, H, W) to (1, 3, size, size), bicubic (spec §4: square resize;
+    """Resize a dataset item's normalised image (3, H, W) to (1, 3, size, size), bicubic
+    (docs/semantics.md, "Entropy layer weights": square resize;
     the official script resizes the PIL image before normalising, which differs only by PIL's uint8 rounding),
     and its mask (H, W) to (1, size, size) with nearest (as the data module resizes masks).
     Returns (image, mask or None)."""
@@ -200,7 +204,8 @@ def analyse(model, dataset, *, image_size: int, max_images: Optional[int], eps: 
         present = torch.nonzero(labels[0] > 0)[:, 0]
         if present.numel() == 0:
             n_no_label += 1
-        cam_v = present_class_cam(out.cam, labels)  # CAM_v (1, K_present, P), spec §4
+        # CAM_v (1, K_present, P): docs/semantics.md, "Entropy layer weights"
+        cam_v = present_class_cam(out.cam, labels)
         f = refined_cams(qs, ks, cam_v, num_prefix_tokens=rec.num_prefix_tokens, scale=rec.scale)  # (L,1,Kv,P)
         ent.update(spatial_entropy(f[:, 0], eps=eps), name)
         patch_labels = None
@@ -228,9 +233,7 @@ def analyse(model, dataset, *, image_size: int, max_images: Optional[int], eps: 
         diag.update(metrics)
         if want_example:
             h, w = grid
-            mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-            rgb = (image[0] * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+            rgb = denormalize(image[0]).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             refined = f[:, 0].sum(dim=1).reshape(depth, h, w)  # s = Σ_k F_l[k] per layer
             examples.append({
                 "name": name, "image": rgb,
@@ -460,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, choices=["synthetic", "voc", "coco"],
                    help="default: the checkpoint's training dataset, else synthetic")
     p.add_argument("--data-root", default=None, help="dataset root (synthetic default: the checkpoint's training cache, as train.py finds it)")
-    p.add_argument("--split", default=None, help="default: train (synthetic, coco) / train_aug (voc), as spec §4")
+    p.add_argument("--split", default=None,
+                   help="default: train (synthetic, coco) / train_aug (voc), as the official entropy script")
     p.add_argument("--max-images", type=int, default=None, help="analyse the first N images (default: all)")
     p.add_argument("--image-size", type=int, default=None,
                    help="square size images are resized to (default: the checkpoint's training size; official 224)")

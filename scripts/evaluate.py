@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate CAMs (npy, background-threshold sweep) or label PNGs against ground-truth masks (spec §5.3).
+"""Evaluate CAMs (npy, background-threshold sweep) or label PNGs against ground-truth masks (docs/semantics.md,
+"Evaluation").
 
     python scripts/evaluate.py --cam-dir out/cams --dataset synthetic --data-root ~/.cache/aream_fast/... \
         --split train
@@ -82,7 +83,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
     C = info.num_classes + 1
     files = None
     if args.mask_dir is None and args.dataset == "voc":
-        # Official protocol (spec §5.3): the VOC ground truth is SegmentationClass, not SegmentationClassAug
+        # Official protocol (docs/semantics.md, "Evaluation"): the VOC ground truth is SegmentationClass, not
+        # SegmentationClassAug
         # (which resolve_split prefers for training). Use it whenever it holds every listed mask.
         try:
             files = resolve_split(args.dataset, args.data_root, args.split, with_masks=True,

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Write CAM seeds (official ``{"key", "cam"}`` .npy content, spec §5.1) for a split from a training checkpoint.
+"""Write CAM seeds (official ``{"key", "cam"}`` .npy content, docs/semantics.md, "Inference CAMs") for a split from a
+training checkpoint.
 
     python scripts/make_cams.py --checkpoint runs/synthetic-aream/<stamp>/checkpoint_best.pth --split val --eval
     python scripts/make_cams.py --checkpoint ckpt.pth --data-root VOCdevkit/VOC2012 --split train_aug \

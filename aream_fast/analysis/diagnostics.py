@@ -7,7 +7,8 @@ a whole N x N matrix (except the optional effective rank, which needs the P x P 
 and is skipped above ``rank_max_tokens``).
 
 Definitions (one image; Ā_l = mean over heads of softmax(scale · q_l k_lᵀ) over all N = C + P tokens, as the
-official code forms it, spec §3.1 step 2; R_l = Ā_l[C:, C:] its patch block, whose rows do not sum to 1; R̃_l = R_l
+official code forms it, docs/semantics.md, "CAM refinement"; R_l = Ā_l[C:, C:] its patch block, whose rows do not sum
+to 1; R̃_l = R_l
 with each row divided by its sum, the row-stochastic patch affinity):
 
 * ``row_entropy``: mean over patch rows m of −Σ_n R̃[m,n] log₂ R̃[m,n] (bits; log₂ P = uniform attention).

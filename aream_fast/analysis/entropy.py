@@ -1,7 +1,9 @@
 """Per-layer spatial entropy of attention-refined CAMs and the entropy layer weights ('E' mode) of AReAM.
 
-Official source: Jessie459/AReAM ``ent_voc_mctformer.py`` (spec §4) and the 'E' weighting in
-``main_voc_mctformer.py`` / ``tools/camutils.py`` (spec §2 step 3, §3.1 step 4). Per image and layer l:
+Official source: Jessie459/AReAM ``ent_voc_mctformer.py`` (docs/semantics.md, "Entropy layer weights") and the 'E'
+weighting in
+``main_voc_mctformer.py`` / ``tools/camutils.py`` (docs/semantics.md, "Affinity loss", "CAM refinement"). Per image and
+layer l:
 
 1. Ā_l = mean over heads of softmax(Z_l), Z_l = scale · q_l k_lᵀ (pre-softmax logits), over all N = C + P tokens;
 2. R_l = Ā_l[C:, C:] (patch block; rows do not sum to 1 because the class columns are dropped);
@@ -12,13 +14,14 @@ Official source: Jessie459/AReAM ``ent_voc_mctformer.py`` (spec §4) and the 'E'
 E_l = mean over images.
 
 Here F_l is computed by ``aream_fast.pseudo_labels.refine.attention_apply`` from the layer's q, k (SDPA with
-V = [0; CAM_v]): no N x N matrix is formed (DESIGN.md item 5).
+V = [0; CAM_v]): no N x N matrix is formed (docs/semantics.md, "Fast path", item 5).
 
 Where p underflows to exactly 0, the official ``p · log₂ p`` is 0 · (−inf) = NaN and poisons the mean. We keep the
 official formula by default (``eps=None``) and let :class:`EntropyAccumulator` skip and count NaN images, with a
 warning. ``eps > 0`` uses ``log₂(p + eps)`` instead (the Conformer script uses eps = 1e-6).
 
-Weights (spec §4, §2 step 3): e = (E − min E) / (max E − min E) over all layers; the loss on layer
+Weights (docs/semantics.md, "Entropy layer weights", "Affinity loss"): e = (E − min E) / (max E − min E) over all
+layers; the loss on layer
 l ≥ layer_index is weighted by e_l, the refinement with layer l < layer_index by 1 − e_l (not renormalised).
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ ENTROPY_JSON = "entropy.json"
 
 
 def spatial_entropy(refined_cam: Tensor, *, eps: Optional[float] = None) -> Tensor:
-    """Official spatial entropy of a refined CAM (spec §4 steps 3-4).
+    """Official spatial entropy of a refined CAM (docs/semantics.md, "Entropy layer weights").
 
     refined_cam: (B, K, P) F_l of each image (K classes summed; K may be 0, which gives s = 0, uniform p and
         E = log₂ P, as the official ``sum(0)`` over an empty class axis would).
@@ -71,7 +74,7 @@ def _check_qk(qs: Sequence[Tensor], ks: Sequence[Tensor]) -> None:
 
 
 def present_class_cam(cam: Tensor, labels: Tensor) -> Tensor:
-    """CAM_v of spec §4: the cam of the present classes of ONE image.
+    """CAM_v of docs/semantics.md, "Entropy layer weights": the cam of the present classes of ONE image.
 
     cam: (1, K, h, w) or (1, K, P); labels: (1, K) or (K,) multi-hot. Returns (1, K_present, P) with the present
     classes in increasing class order (official ``cam[:, nonzero(labels)]``).
@@ -87,7 +90,8 @@ def present_class_cam(cam: Tensor, labels: Tensor) -> Tensor:
 
 def refined_cams(qs: Sequence[Tensor], ks: Sequence[Tensor], cam_v: Tensor, *, num_prefix_tokens: int,
                  scale: float) -> Tensor:
-    """F_l = R_l · CAM_v for each layer separately (spec §4 step 2-3), by attention-apply (no N x N).
+    """F_l = R_l · CAM_v for each layer separately (docs/semantics.md, "Entropy layer weights"), by attention-apply (no
+    N x N).
 
     qs, ks: sequence over L layers of (B, H, N, d). cam_v: (B, K, P). Returns (L, B, K, P) float32.
     """
@@ -105,7 +109,8 @@ def refined_cams(qs: Sequence[Tensor], ks: Sequence[Tensor], cam_v: Tensor, *, n
 
 def layer_entropies(qs: Sequence[Tensor], ks: Sequence[Tensor], cam: Tensor, labels: Tensor, *,
                     num_prefix_tokens: int, scale: float, eps: Optional[float] = None) -> Tensor:
-    """Official per-layer entropy E_l(img) of ONE image (spec §4), from its per-layer q, k.
+    """Official per-layer entropy E_l(img) of ONE image (docs/semantics.md, "Entropy layer weights"), from its
+    per-layer q, k.
 
     qs, ks: sequence over L layers of (1, H, N, d) (``AttentionRecords.qs[l]`` for every layer, eval mode).
     cam: (1, K, h, w) the model's cam (``ViTOutput.cam``; MCTformer: ReLU'd conv map without the
@@ -167,7 +172,8 @@ class EntropyAccumulator:
 
 
 def normalise_entropy(entropy: Union[Tensor, np.ndarray, Sequence[float]]) -> np.ndarray:
-    """Min-max normalisation e = (E − min E) / (max E − min E) over all layers (spec §4). Returns (L,) float64."""
+    """Min-max normalisation e = (E − min E) / (max E − min E) over all layers
+    (docs/semantics.md, "Entropy layer weights"). Returns (L,) float64."""
     e = np.asarray(entropy.detach().cpu().numpy() if isinstance(entropy, Tensor) else entropy, dtype=np.float64)
     if e.ndim != 1 or e.size < 2:
         raise ValueError(f"entropy must be a 1-D vector with at least 2 layers, got shape {e.shape}")
@@ -181,7 +187,8 @@ def normalise_entropy(entropy: Union[Tensor, np.ndarray, Sequence[float]]) -> np
 
 def entropy_to_layer_weights(entropy: Union[Tensor, np.ndarray, Sequence[float]],
                              layer_index: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Official 'E' layer weights from a per-layer entropy vector (spec §4, §2 step 3, §3.1 step 4).
+    """Official 'E' layer weights from a per-layer entropy vector (docs/semantics.md, "Entropy layer weights",
+    "Affinity loss", "CAM refinement").
 
     entropy: (L,) raw E_l (as saved by ``scripts/analyze_layers.py``); it is min-max normalised here to e.
     layer_index: first supervised layer (MCTformer 7, Conformer 9), 0 < layer_index < L.

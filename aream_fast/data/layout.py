@@ -215,7 +215,7 @@ def resolve_split(dataset: str, root: str | os.PathLike, split: str, *, with_mas
         for n in names:
             v = raw.get(n)
             if v is None:
-                v = raw.get(n + ".jpg")  # COCO cls_labels keys are "<name>.jpg" (spec §7)
+                v = raw.get(n + ".jpg")  # COCO cls_labels keys are "<name>.jpg" (docs/semantics.md, "Training details")
             if v is None:
                 miss_l.append(n)
             else:

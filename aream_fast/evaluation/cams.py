@@ -1,4 +1,5 @@
-"""CAM seeds for a split (spec §5.1) and their mIoU with a background-threshold sweep (spec §5.3).
+"""CAM seeds for a split (docs/semantics.md, "Inference CAMs") and their mIoU with a background-threshold sweep
+(docs/semantics.md, "Evaluation").
 
 * :func:`write_cams`: for every image of a dataset built at native size (batch 1), ``inference_cam``
   (multi-scale + flip options) and ``save_cam_npy`` -> ``<out_dir>/<name>.npy`` with the official
@@ -7,7 +8,7 @@
 * :func:`score_cams`: read the files back, build predictions for every background threshold in one pass
   (``aream_fast.evaluation.metrics.ThresholdSweep``) against the dataset's masks, report the best threshold's mIoU and
   per-class IoU. A missing CAM file for an image with labels is an error (the official evaluate.py silently
-  substitutes the ground truth there, spec §10.8).
+  substitutes the ground truth there, docs/semantics.md, "Oddities").
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Validation for model selection: multi-label mAP of sigmoid(class_logits) (spec §7 "selection": per-image
+"""Validation for model selection: multi-label mAP of sigmoid(class_logits) (docs/semantics.md, "Training details"
+"selection": per-image
 sklearn AP averaged, ``aream_fast.evaluation.metrics.multilabel_map``). Runs in eval mode on the raw (not compiled, not
 DDP) model; the model's previous mode is restored."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Segmentation and classification metrics (official ``evaluate.py`` semantics, spec §5.3).
+"""Segmentation and classification metrics (official ``evaluate.py`` semantics, docs/semantics.md, "Evaluation").
 
 * Confusion matrix (rows = ground truth, columns = prediction) from one ``np.bincount``; GT == ignore_index
   (255) is skipped; a predicted id outside [0, C) (e.g. 255 in a pseudo-label PNG) goes to an extra last

@@ -9,7 +9,8 @@ In the spirit of Liger-Kernel's ``apply_liger_kernel_to_<model>()`` monkey patch
 The patched ``Attention.forward`` computes exactly what timm's fused path computes (qkv projection, optional
 q/k norm, ``F.scaled_dot_product_attention`` with the module's scale, optional gate, norm, projection), so the
 model output is unchanged; it only keeps a reference to q and k of the supervised layers. SDPA never
-materialises the N x N attention on the flash path and the loss needs only q and k (DESIGN.md), so nothing
+materialises the N x N attention on the flash path and the loss needs only q and k (docs/semantics.md, "Fast path"), so
+nothing
 N x N is kept for AReAM.
 
 ``apply_aream_to_timm(model, layers, defer_loss_grad=True)`` (eager only) passes the supervised q, k through

@@ -1,6 +1,7 @@
-"""Public AReAM affinity loss from per-layer q, k: no N x N attention matrix (DESIGN.md "The one idea").
+"""Public AReAM affinity loss from per-layer q, k: no N x N attention matrix (docs/semantics.md, "Fast path").
 
-The official loss (Jessie459/AReAM, spec §2) applies a sigmoid to the head mean of the pre-softmax
+The official loss (Jessie459/AReAM, docs/semantics.md, "Affinity loss") applies a sigmoid to the head mean of the
+pre-softmax
 attention logits of each supervised layer, on the patch-patch block, and penalises it linearly against the
 pair label of the per-patch pseudo labels (1 same, 0 different, ignored if either side is ignored), with
 batch-global counts. ``aream_fast.official.loss.aream_loss_reference`` is that formulation on materialised
@@ -21,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from aream_fast.models.records import as_layer_list
+from aream_fast.models.records import as_layer_list, check_int_tensor
 
 from aream_fast.losses.tiled import aream_loss_tiled
 
@@ -89,12 +90,7 @@ def _validate(
             or scale == float("inf")):
         raise ValueError(f"scale must be a positive finite float (d ** -0.5), got {scale!r}")
 
-    if not isinstance(patch_labels, Tensor):
-        raise ValueError(f"patch_labels must be a (B, P) int64 tensor, got {type(patch_labels).__name__}")
-    if patch_labels.dim() != 2:
-        raise ValueError(f"patch_labels must have shape (B, P), got {tuple(patch_labels.shape)}")
-    if patch_labels.dtype.is_floating_point or patch_labels.dtype.is_complex or patch_labels.dtype == torch.bool:
-        raise ValueError(f"patch_labels must be an integer (int64) tensor, got dtype {patch_labels.dtype}")
+    check_int_tensor(patch_labels, "patch_labels", "B, P")
     if patch_labels.device != ref.device:
         raise ValueError(f"patch_labels is on {patch_labels.device}, expected {ref.device} (the device of qs)")
     num_patches = tokens - num_prefix_tokens
@@ -158,7 +154,8 @@ def aream_loss(
     ignore_index: int = 255,
     backend: str = "auto",
 ) -> Tensor:
-    """AReAM affinity loss (official semantics, spec §2) from the q, k of the supervised layers.
+    """AReAM affinity loss (official semantics, docs/semantics.md, "Affinity loss") from the q, k of the supervised
+    layers.
 
     Args:
         qs, ks: per supervised layer, the pre-scale queries / keys as SDPA takes them: a sequence of L

@@ -31,6 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from aream_fast.models.records import acc_dtype
+
 __all__ = ["DeferredGrads", "deferred_aream_loss"]
 
 
@@ -73,8 +75,7 @@ class _DeferredGrad(torch.autograd.Function):
         ctx.layer = layer
         ctx.save_for_backward(q, k)  # views of the qkv projection that the attention saves anyway
         ctx.set_materialize_grads(False)
-        anchor_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the loss's dtype
-        return q.view_as(q), k.view_as(k), q.new_zeros((), dtype=anchor_dtype)
+        return q.view_as(q), k.view_as(k), q.new_zeros((), dtype=acc_dtype(q.dtype))  # the loss's dtype
 
     @staticmethod
     def backward(ctx, grad_q: Optional[Tensor], grad_k: Optional[Tensor], grad_anchor: Optional[Tensor]):

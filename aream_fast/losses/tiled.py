@@ -1,6 +1,7 @@
 """Tiled PyTorch backend of the AReAM affinity loss: no P x P tensor, gradients computed in the forward.
 
-Math (DESIGN.md "The one idea"; official loss in spec §2). Per supervised layer l, with merged heads
+Math (docs/semantics.md, "Fast path"; official loss in docs/semantics.md, "Affinity loss"). Per supervised layer l, with
+merged heads
 ``Q = concat_h q_h[C:]`` and ``K = concat_h k_h[C:]`` (B x P x H*d), the head mean of the pre-softmax
 patch logits is one matmul, ``Zbar = (scale / H) * Q K^T``, and ``S = sigmoid(Zbar)``. With the batch-global
 counts ``n_pos``, ``n_neg`` (``aream_fast.pseudo_labels.patch_labels.pair_counts``), ``a = 0.5 / n_pos``, ``b = 0.5 / n_neg``
@@ -30,7 +31,7 @@ for dK (B, P, H*d) -- the copies are free views when q, k come straight out of a
 The tiled loop is one opaque ``torch.library.custom_op`` (``aream_fast::aream_loss_tiled_fwd``, returning the
 loss and the per-layer gradients) with ``register_fake`` and ``register_autograd`` (whose backward is a plain
 scaling of the saved gradients): ``torch.compile(fullgraph=True)`` traces it as a single node (a tiled
-``torch.autograd.Function`` made inductor emit a broken backward, DESIGN.md). Because the gradients are made
+``torch.autograd.Function`` made inductor emit a broken backward). Because the gradients are made
 in the forward, a loss evaluated with grad enabled but never backpropagated costs the full 3 matmuls per layer;
 evaluate such losses under ``torch.no_grad()``.
 
@@ -46,6 +47,7 @@ import torch
 from torch import Tensor
 
 from aream_fast.losses.pairs import pair_counts
+from aream_fast.models.records import acc_dtype
 
 __all__ = ["aream_loss_tiled", "tile_rows"]
 
@@ -70,10 +72,6 @@ def tile_rows(batch: int, num_patches: int, element_size: int = 4, tile_bytes: O
     rows = tile_bytes // max(1, batch * num_patches * element_size)
     rows = max(8, (rows // 8) * 8)
     return min(rows, num_patches)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _merged_patches(x: Tensor, start: int, stop: int, acc: torch.dtype) -> Tensor:
@@ -128,7 +126,7 @@ def _aream_loss_tiled_fwd(
     num_patches = tokens - c
     width = heads * head_dim
     device = qs[0].device
-    acc = _acc_dtype(qs[0].dtype)
+    acc = acc_dtype(qs[0].dtype)
 
     labels = patch_labels.to(device=device, dtype=torch.int64)
     n_pos, n_neg = pair_counts(labels, ignore_index=ignore_index)
@@ -247,7 +245,7 @@ def _aream_loss_tiled_fwd(
 @_aream_loss_tiled_fwd.register_fake
 def _aream_loss_tiled_fwd_fake(qs, ks, patch_labels, layer_weights, scale, num_prefix_tokens, ignore_index,
                                compute_grad):
-    acc = _acc_dtype(qs[0].dtype)
+    acc = acc_dtype(qs[0].dtype)
     loss = qs[0].new_empty((), dtype=acc)
     if not compute_grad:
         return loss, [], []

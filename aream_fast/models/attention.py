@@ -1,6 +1,6 @@
 """Fused multi-head self-attention that exports O(N d) statistics instead of N x N attention.
 
-DESIGN.md "The one idea", items 5 and 6:
+docs/semantics.md, "Fast path", items 5 and 6:
 
 * the model's blocks run a fused attention (``F.scaled_dot_product_attention`` on CPU; SDPA, xformers or
   our Triton flash kernel on CUDA) and hand their q, k to the caller; no (B, H, N, N) tensor is kept;
@@ -14,7 +14,7 @@ d head width, K value channels (classes). q, k, v layout (B, H, N, d), as SDPA t
 Backends (``backend`` argument): "sdpa" (default, everywhere), "auto" (= "sdpa"), "triton" (our flash kernel
 ``aream_fast.kernels.flash_attention``, CUDA tensors only) and "xformers" (CUDA tensors only). Triton and
 xformers are imported lazily, only when a CUDA tensor reaches them, so importing this module (and running
-on CPU) never imports triton (DESIGN.md "Backends": CPU tensors never reach a ``triton_op``).
+on CPU) never imports triton (CPU tensors never reach a ``triton_op``; docs/semantics.md, "Fast path").
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from aream_fast.models.records import acc_dtype
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "triton", "xformers")
 
@@ -61,7 +63,8 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, num_prefix
 def class_patch_attention(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: float) -> Tensor:
     """Head-mean softmax rows of the class tokens, restricted to the patch columns.
 
-    Equals ``mean_h softmax(scale * q k^T)[:, :, :C, C:]`` of the official code (spec §3.1 step 3), computed
+    Equals ``mean_h softmax(scale * q k^T)[:, :, :C, C:]`` of the official code (docs/semantics.md, "CAM refinement"),
+    computed
     from the C class rows only: a (B, H, C, N) block, never N x N.
 
     q, k: (B, H, N, d). Returns (B, C, P) float32 where P = N - C.
@@ -72,7 +75,7 @@ def class_patch_attention(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: f
     c = int(num_prefix_tokens)
     if not 0 < c < q.shape[2]:
         raise ValueError(f"num_prefix_tokens must be in [1, N) with N={q.shape[2]}, got {num_prefix_tokens}")
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(q.dtype)
     logits = torch.matmul(q[:, :, :c].to(dtype) * scale, k.to(dtype).transpose(-2, -1))  # (B, H, C, N)
     return logits.softmax(dim=-1)[..., c:].mean(dim=1)
 
@@ -113,7 +116,7 @@ class Attention(nn.Module):
         backend = "sdpa" if self.backend == "auto" else self.backend
         cls_attn = None
         if q.is_cuda and backend == "triton" and class_attention:
-            # the flash kernel writes the head-mean class rows from its LSE (DESIGN.md item 6)
+            # the flash kernel writes the head-mean class rows from its LSE (docs/semantics.md, "Fast path", item 6)
             o, _, cls_attn = _triton_flash_attention()(q, k, v, scale=self.scale, num_prefix_tokens=num_prefix_tokens,
                                                        return_class_attention=True)
         else:

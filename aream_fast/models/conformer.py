@@ -1,4 +1,5 @@
-"""Conformer-S for WSSS (TransCAM-style AReAM, spec §1.2) with attention-statistics export, no N x N tensor.
+"""Conformer-S for WSSS (TransCAM-style AReAM, docs/semantics.md, "Conformer") with attention-statistics export, no N x
+N tensor.
 
 A CNN branch and a transformer branch run in parallel and exchange features through the coupling units
 (FCU down: 1x1 conv, average pool, LN, GELU, added to the patch tokens; FCU up: 1x1 conv, BN, ReLU, nearest
@@ -303,7 +304,7 @@ class Conformer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Loading an ImageNet Conformer checkpoint (spec §1.2 "Pretrained weights")
+# Loading an ImageNet Conformer checkpoint (docs/semantics.md, "Conformer" "Pretrained weights")
 # ------------------------------------------------------------------------------------------------------------
 
 

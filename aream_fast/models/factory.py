@@ -19,7 +19,8 @@ MODEL_CONFIGS: Dict[str, Tuple[bool, Dict[str, Any]]] = {
 
 _OVERRIDABLE = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "in_chans")
 
-# Conformer-S (spec §1.2); built by ``aream_fast.models.conformer.Conformer``. No position embedding, so
+# Conformer-S (docs/semantics.md, "Conformer"); built by ``aream_fast.models.conformer.Conformer``. No position
+# embedding, so
 # img_size is not stored. Tiny test models override base_channel / channel_ratio / embed_dim / num_heads.
 CONFORMER_CONFIGS: Dict[str, Dict[str, Any]] = {
     "conformer_small": dict(base_channel=64, channel_ratio=4, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),

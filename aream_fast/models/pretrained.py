@@ -1,4 +1,4 @@
-"""Load a local DeiT / ViT checkpoint in timm's layout into a ``WSSSViT`` (spec §1.1 "Loading DeiT-S").
+"""Load a local DeiT / ViT checkpoint in timm's layout into a ``WSSSViT`` (docs/semantics.md, "Model" "Loading DeiT-S").
 
 Rules (official ``main_voc_mctformer.py``):
 1. ``head.*`` entries whose shape differs from the model's are dropped (Linear 1000 vs the conv head).
@@ -66,7 +66,7 @@ def _resize_grid(patch_pos: Tensor, old: tuple, new: tuple) -> Tensor:
 
 
 def adapt_state_dict(model: nn.Module, state: Dict[str, Tensor], path: str = "<state dict>"):
-    """Apply the spec §1.1 loading rules; returns (adapted state dict, dropped keys, adapted keys)."""
+    """Apply the docs/semantics.md, "Model" loading rules; returns (adapted state dict, dropped keys, adapted keys)."""
     own = model.state_dict()
     c = int(model.num_prefix_tokens)
     state = dict(state)
@@ -120,8 +120,10 @@ def adapt_state_dict(model: nn.Module, state: Dict[str, Tensor], path: str = "<s
 
 
 def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> LoadReport:
-    """Load a local timm-layout DeiT/ViT checkpoint into ``model`` with the spec §1.1 rules, strict=False.
-    A ``Conformer`` is loaded by ``aream_fast.models.conformer.load_conformer_pretrained`` (spec §1.2).
+    """Load a local timm-layout DeiT/ViT checkpoint into ``model`` with the docs/semantics.md, "Model" rules,
+    strict=False.
+    A ``Conformer`` is loaded by ``aream_fast.models.conformer.load_conformer_pretrained`` (docs/semantics.md,
+    "Conformer").
 
     Returns a ``LoadReport`` (missing / unexpected / dropped / adapted keys), also logged at INFO level.
     Raises FileNotFoundError for a missing file and ValueError (naming the file) for a file that is not a
@@ -129,7 +131,7 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> LoadRepo
     """
     from aream_fast.models.conformer import Conformer, load_conformer_pretrained  # lazy: conformer imports us
 
-    if isinstance(model, Conformer):  # official Conformer layout (spec §1.2)
+    if isinstance(model, Conformer):  # official Conformer layout (docs/semantics.md, "Conformer")
         return load_conformer_pretrained(model, path)
     path = os.fspath(path)
     state = read_state_dict(path)

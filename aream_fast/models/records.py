@@ -118,6 +118,24 @@ class LayerSplit(NamedTuple):
         return tuple(range(self.depth))
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the torch paths: float64 for float64 inputs (gradcheck), float32 otherwise (fp16 /
+    bf16 / fp32 inputs accumulate in fp32). The Triton kernels in ``kernels/`` keep their own launcher copy."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_int_tensor(x: object, name: str, dims: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``x`` is an integer (not bool) tensor with one axis per letter of
+    ``dims`` (e.g. ``"B, P"``): the check every label argument (patch labels, pixel labels) goes through."""
+    ndim = len(dims.split(","))
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a ({dims}) int64 tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape ({dims}), got {tuple(x.shape)}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer (int64) tensor, got dtype {x.dtype}")
+
+
 def as_layer_list(xs: Union[Tensor, Sequence[Tensor]], name: str, *, allow_single: bool = False) -> Tuple[Tensor, ...]:
     """A per-layer argument as a tuple of (B, H, N, d) tensors.
 

@@ -4,7 +4,8 @@ Parameter names are timm's (``patch_embed.proj``, ``cls_token``, ``pos_embed``, 
 ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.norm2``, ``blocks.N.mlp.fc1/fc2``, ``norm``,
 ``head``), so DeiT / ViT checkpoints load with ``aream_fast.models.load_pretrained``.
 
-MCTformer-V2 (spec §1.1, networks/mctformer.py of Jessie459/AReAM): C = num_classes class tokens, a learned
+MCTformer-V2 (docs/semantics.md, "Model", networks/mctformer.py of Jessie459/AReAM): C = num_classes class tokens, a
+learned
 position embedding over all C + P tokens, 12 pre-norm blocks, the final ``norm`` exists but is NOT applied;
 class logits = class tokens of the last block averaged over the embedding width; ``head`` = Conv2d(D, C, 3,
 pad 1) on the patch tokens gives the map M; patch logits = GAP(M); cam = ReLU(M) detached.
@@ -13,7 +14,7 @@ Single-class-token ViT (``vit_small`` / ``vit_base``; DeiT / ToCo style, our cho
 cls token, the final ``norm`` IS applied (as in timm); ``head`` = Conv2d(D, K, 1) (a linear classifier used
 as a 1x1 conv): M = head(patch tokens), patch logits = GAP(M), cam = ReLU(M) detached, class logits = the
 same classifier on the cls token (DeiT's classification of the class token). class_attention is None (the
-spec's C == 1 case: no class->patch multiplication).
+the C == 1 case of docs/semantics.md, "CAM refinement": no class->patch multiplication).
 
 Every block runs fused attention (``aream_fast.models.attention``) and the forward exports only the per-layer q, k
 and the head-mean class->patch rows asked for by an ``AttentionRequest`` (no N x N tensor).
@@ -71,7 +72,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x += DropPath(Attn(LN(x))); x += DropPath(MLP(LN(x))) (spec §1.1)."""
+    """Pre-norm transformer block: x += DropPath(Attn(LN(x))); x += DropPath(MLP(LN(x))) (docs/semantics.md,
+    "Model")."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, backend: str) -> None:
         super().__init__()
@@ -98,7 +100,8 @@ def _pair(x: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
 
 
 def interpolate_patch_pos_embed(patch_pos: Tensor, grid: Tuple[int, int], new_grid: Tuple[int, int]) -> Tensor:
-    """Run-time resize of the patch part of a position embedding (spec §1.1, ``interpolate_pos_encoding``).
+    """Run-time resize of the patch part of a position embedding (docs/semantics.md, "Model",
+    ``interpolate_pos_encoding``).
 
     patch_pos: (1, h0*w0, D) on grid (h0, w0). Unchanged when the grid matches; otherwise bicubic with
     scale_factor = ((h + 0.1) / h0, (w + 0.1) / w0) (the DINO trick; PyTorch then uses these factors for the
@@ -156,7 +159,7 @@ class WSSSViT(nn.Module):
         dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear 0 .. drop_path
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dpr[i], attention_backend)
                                     for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)  # MCT: loaded but never applied (spec §1.1)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)  # MCT: loaded but never applied (docs/semantics.md, "Model")
         if self.mct:
             self.head = nn.Conv2d(embed_dim, self.num_classes, kernel_size=3, stride=1, padding=1)
         else:
@@ -178,7 +181,8 @@ class WSSSViT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set:
-        """Official MCTformer path: {pos_embed} only (class tokens ARE decayed, spec §1.1 / §10.5)."""
+        """Official MCTformer path: {pos_embed} only (class tokens ARE decayed, docs/semantics.md, "Model",
+        "Oddities")."""
         return {"pos_embed"} if self.mct else {"pos_embed", "cls_token"}
 
     # ----------------------------------------------------------------------------------------------------
@@ -197,7 +201,7 @@ class WSSSViT(nn.Module):
         return hh // self.patch_size, ww // self.patch_size
 
     def position_embedding(self, grid: Tuple[int, int]) -> Tensor:
-        """(1, C + h*w, D): class-token slots kept, patch grid interpolated (spec §1.1)."""
+        """(1, C + h*w, D): class-token slots kept, patch grid interpolated (docs/semantics.md, "Model")."""
         if grid == self.grid_size:
             return self.pos_embed
         c = self.num_prefix_tokens

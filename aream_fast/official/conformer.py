@@ -1,10 +1,11 @@
 """OFFICIAL-FORMULATION Conformer (slow, memory-hungry; for tests and benchmarks only).
 
 Follows networks/conformer.py, tools/camutils.py, main_voc_conformer.py and infer_conformer.py of
-Jessie459/AReAM (spec §1.2, §3.1, §5.2): every transformer block materialises its pre-softmax logits
+Jessie459/AReAM (docs/semantics.md, "Conformer", "CAM refinement", "Inference CAMs"): every transformer block
+materialises its pre-softmax logits
 Z_l = scale q k^T (B, H, N, N), softmaxes them for the value product and returns Z_l; the forward
 ``torch.stack``s all 12 (L, B, H, N, N, with grad); pseudo labels and inference CAMs softmax that stack again
-and build the patch affinity as dense (B, P, P) matrices (spec §9, Conformer paragraph).
+and build the patch affinity as dense (B, P, P) matrices (docs/semantics.md, "Memory").
 
 The module tree is built with the official three stage loops and the official names, so its state dict is
 the one of ``aream_fast.models.conformer.Conformer`` key for key: ``OfficialConformer.from_model`` copies the
@@ -24,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aream_fast.official.mctformer import (OfficialBlock, OfficialPAR, official_affinity_loss, official_cam_to_seg,
-                                 official_fuse_segs, official_seg_to_aff)
+from aream_fast.official.loss import official_affinity_loss, official_seg_to_aff
+from aream_fast.official.model import OfficialBlock
+from aream_fast.official.pseudo_labels import OfficialPAR, gen_msf_cam, official_cam_to_seg, official_minmax
+from aream_fast.pseudo_labels.labels import fuse_segs
 from aream_fast.models.conformer import ConvBlock, FCUDown, FCUUp
 
 __all__ = ["OfficialConformer", "official_conformer_gen_msf_cam", "official_conformer_pseudo_affinity", "official_apply_img_box",
@@ -57,7 +60,8 @@ class OfficialConvTransBlock(nn.Module):
 
 
 class OfficialConformer(nn.Module):
-    """Official ``Conformer`` (spec §1.2): forward(images (B, 3, H, W)) -> (cnn_logits (B, K), att_logits (B, K),
+    """Official ``Conformer`` (docs/semantics.md, "Conformer"): forward(images (B, 3, H, W)) -> (cnn_logits (B, K),
+    att_logits (B, K),
     cam (B, K, h, w) detached not ReLU'd, Z (L, B, H, N, N) stacked pre-softmax logits with grad).
 
     Note the official output order: the CNN logits come first (the fast model's ``patch_logits``), the
@@ -151,7 +155,8 @@ class OfficialConformer(nn.Module):
 def official_conformer_gen_msf_cam(model: OfficialConformer, images: Tensor, *,
                                    scales: Sequence[float] = (0.5, 1.0, 1.5), layer_index: int = 9,
                                    ent_weights: Optional[Tensor] = None) -> Tensor:
-    """tools/camutils.py ``gen_msf_cam`` on the one-class-token path (spec §3.1): (B, K, H, W) in [0, 1].
+    """tools/camutils.py ``gen_msf_cam`` on the one-class-token path (docs/semantics.md, "CAM refinement"): (B, K, H,
+    W) in [0, 1]; the one :func:`aream_fast.official.pseudo_labels.gen_msf_cam` with the Conformer defaults.
 
     Per scale: bilinear resize, batch [x_s; flip(x_s)] (2B images, the model in its current mode: officially
     train, so BN uses the 2B batch statistics), Z (L, 2B, H, N, N) -> softmax -> head mean; no class->patch
@@ -159,29 +164,15 @@ def official_conformer_gen_msf_cam(model: OfficialConformer, images: Tensor, *,
     sum_l (1 - e_l) of it ('E', ``ent_weights`` e (L,)); cam' = R cam; upsample; un-flip. Sum, ReLU, per-(b, k)
     min-max. The caller multiplies by the labels.
     """
-    B, _, H, W = images.shape
-    cam_list = []
-    for scale in scales:
-        size = [int(H * scale), int(W * scale)]
-        img = images if size == [H, W] else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        _, _, cam, att = model(torch.cat([img, img.flip(-1)], dim=0))
-        att = att.softmax(dim=-1).mean(2)  # (L, 2B, N, N)
-        if ent_weights is None:
-            pat_att = att[:layer_index].mean(0)[:, 1:, 1:]
-        else:
-            w = (1.0 - ent_weights[:layer_index]).to(att)
-            pat_att = (att[:layer_index] * w.reshape(-1, 1, 1, 1)).mean(0)[:, 1:, 1:]
-        b, c, h, w = cam.shape
-        cam = torch.einsum("bmn,bcn->bcm", pat_att, cam.reshape(b, c, -1)).reshape(b, c, h, w)
-        cam = F.interpolate(cam, size=[H, W], mode="bilinear", align_corners=False)
-        cam_list += [cam[:B], cam[B:].flip(-1)]
-    cam = F.relu(torch.stack(cam_list, dim=0).sum(dim=0))
-    cam = cam + F.adaptive_max_pool2d(-cam, (1, 1))
-    return cam / (F.adaptive_max_pool2d(cam, (1, 1)) + 1e-6)
+    weights = None if ent_weights is None else (1.0 - ent_weights[:layer_index]).tolist()
+    everything = images.new_ones(images.shape[0], model.num_classes)  # the caller multiplies by the labels
+    return gen_msf_cam(model, images, everything, refine_layers=range(layer_index), refine_weights=weights,
+                       scales=scales)
 
 
 def official_apply_img_box(seg: Tensor, img_box: Optional[Tensor], ignore_index: int = 255) -> Tensor:
-    """``cam_to_seg`` with ``img_box`` (spec §3.2 item 4): only the box [i1:i2, j1:j2] of each image is written,
+    """``cam_to_seg`` with ``img_box`` (docs/semantics.md, "Pseudo labels"): only the box [i1:i2, j1:j2] of each image
+    is written,
     the rest stays ``ignore_index``. seg (B, H, W); img_box (B, 4) int (i1, i2, j1, j2) or None (unchanged)."""
     if img_box is None:
         return seg
@@ -205,7 +196,7 @@ def official_conformer_pseudo_affinity(model: OfficialConformer, images: Tensor,
     cams = cams * labels[:, :, None, None]
     seg_l = official_apply_img_box(official_cam_to_seg(par, images, labels, cams, bg_low), img_box)
     seg_h = official_apply_img_box(official_cam_to_seg(par, images, labels, cams, bg_high), img_box)
-    seg = official_fuse_segs(seg_l, seg_h)
+    seg = fuse_segs(seg_l, seg_h)
     return seg, official_seg_to_aff(seg, patch_size=model.patch_size)
 
 
@@ -232,7 +223,7 @@ def official_conformer_training_step(model: OfficialConformer, images: Tensor, l
 @torch.no_grad()
 def official_conformer_inference_cam(model: OfficialConformer, image: Tensor, labels: Tensor, *,
                                      scales: Sequence[float] = (0.5, 1.0, 1.5)) -> Tuple[np.ndarray, np.ndarray]:
-    """infer_conformer.py ``_job`` for one image (spec §5.2), eval mode, dense attention.
+    """infer_conformer.py ``_job`` for one image (docs/semantics.md, "Inference CAMs"), eval mode, dense attention.
 
     image (3, H, W) normalised; labels (K,). Each scale: the image bicubic-resized to (int(sH), int(sW)) (the
     official code resizes the PIL image; here the tensor is resized with F.interpolate as the fast path does),
@@ -268,7 +259,5 @@ def official_conformer_inference_cam(model: OfficialConformer, image: Tensor, la
             cam2 = F.interpolate(cam2, size=[ori_h, ori_w], mode="bilinear", align_corners=False)
         cam_list += [cam1, cam2]
     model.train(was_training)
-    cam = F.relu(torch.stack(cam_list, dim=0).sum(dim=0))
-    cam = cam + F.adaptive_max_pool2d(-cam, (1, 1))
-    cam = cam / (F.adaptive_max_pool2d(cam, (1, 1)) + 1e-6)
+    cam = official_minmax(torch.stack(cam_list, dim=0).sum(dim=0))
     return key.cpu().numpy().astype(np.int64), cam[0].cpu().numpy().astype(np.float32)

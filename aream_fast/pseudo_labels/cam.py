@@ -1,14 +1,17 @@
 """CAMs for AReAM pseudo labels and inference seeds, without any N x N attention matrix.
 
-* ``pseudo_label_cams``: the official ``gen_msf_cam`` (spec §3.1, tools/camutils.py of Jessie459/AReAM).
+* ``pseudo_label_cams``: the official ``gen_msf_cam`` (docs/semantics.md, "CAM refinement", tools/camutils.py of
+  Jessie459/AReAM).
 * ``cams_from_output``: the same from the records of a forward that already ran (no extra forward, no flip).
-* ``inference_cam``: the official ``--gen_attention_maps`` seeds (spec §5.1, main_voc_mctformer.py).
+* ``inference_cam``: the official ``--gen_attention_maps`` seeds (docs/semantics.md, "Inference CAMs",
+  main_voc_mctformer.py).
 * CAM seed files: ``aream_fast.pseudo_labels.seeds``.
 * ``present_classes`` / ``PresentCAMs``: with ``present_only=True`` the two pseudo-label functions keep only each
   image's present classes, packed into M = max_b(#present) channels, from the patch-resolution CAM on: every
   step (class-attention product, refinement, upsampling, min-max) is per channel, so the kept channels are the
   same numbers, and the full-resolution (B, K, H, W) map of all K classes (64 MiB at 448 px, K = 20, B = 4) is
-  never made. The official pipeline only ever reads present classes from it (spec §3.2: ``cam_to_seg`` keeps
+  never made. The official pipeline only ever reads present classes from it (docs/semantics.md, "Pseudo labels":
+  ``cam_to_seg`` keeps
   the image's keys).
 
 The official code stacks every layer's (B, H, N, N) logits, softmaxes and averages them. Here the
@@ -121,9 +124,9 @@ def minmax_normalise_(cam: Tensor, labels: Optional[Tensor] = None) -> Tensor:
 
 def refine_cam(out: ViTOutput, refine_layers: Tuple[int, ...], refine_weights: Optional[list],
                classes: Optional[Tensor] = None) -> Tensor:
-    """cam (B, K, h, w) ⊙ class attention (C > 1) refined by R = (1/L) sum_l w_l Ā_l[C:, C:] (spec §3.1
-    steps 3-5, before upsampling). Returns (B, K, h, w) float32, or (B, M, h, w) for the channels
-    ``classes`` (B, M) only (``present_classes``; class c pairs with class token c)."""
+    """cam (B, K, h, w) ⊙ class attention (C > 1) refined by R = (1/L) sum_l w_l Ā_l[C:, C:]
+    (docs/semantics.md, "CAM refinement", before upsampling). Returns (B, K, h, w) float32, or (B, M, h, w) for the
+    channels ``classes`` (B, M) only (``present_classes``; class c pairs with class token c)."""
     rec = out.records
     if rec is None:
         raise ValueError("the forward output has no records: run the model with an AttentionRequest")
@@ -159,7 +162,8 @@ def pseudo_label_cams(model: nn.Module, images: Tensor, labels: Tensor, *, refin
                       refine_weights: LayerWeights = None, class_attention_layers: Optional[Sequence[int]] = None,
                       scales: Sequence[float] = (1.0,), flip: bool = True,
                       present_only: bool = False) -> Union[Tensor, PresentCAMs]:
-    """Official ``gen_msf_cam`` (spec §3.1) for the AReAM pseudo labels, without N x N attention.
+    """Official ``gen_msf_cam`` (docs/semantics.md, "CAM refinement") for the AReAM pseudo labels, without N x N
+    attention.
 
     The model stays in its current mode (officially train mode: DropPath active). For each scale s: bilinear
     resize to (int(sH), int(sW)) (skipped at the same size; must stay a multiple of the patch size), batch
@@ -252,7 +256,7 @@ def cams_from_output(out: ViTOutput, labels: Tensor, image_size: Tuple[int, int]
 @torch.no_grad()
 def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Sequence[float] = (1.0,),
                   flip: bool = True, flip_after_pad: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-    """Official CAM seeds (spec §5.1, ``generate_attention_maps``), without N x N attention.
+    """Official CAM seeds (docs/semantics.md, "Inference CAMs", ``generate_attention_maps``), without N x N attention.
 
     Runs in eval mode (the previous mode is restored afterwards). For each scale s (the image bicubic-resized
     to (int(sH), int(sW)) when s != 1; the official code resizes with PIL, so s != 1 is close to, not bit-equal
@@ -263,7 +267,8 @@ def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Se
     (eps 1e-6).
 
     flip_after_pad: pad first, then flip (the flipped view has its padding on the left), as the official
-    Conformer inference (infer_conformer.py, spec §5.2) does; False (MCTformer, spec §5.1) pads each view on
+    Conformer inference (infer_conformer.py, docs/semantics.md, "Inference CAMs") does; False (MCTformer,
+    docs/semantics.md, "Inference CAMs") pads each view on
     the right.
 
     image (3, H, W) normalised; labels (K,) multi-hot. Returns (keys int64 (k,), cam float32 (k, H, W)) as
@@ -300,15 +305,7 @@ def inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *, scales: Se
             if flip and flip_after_pad:
                 x = torch.cat([x, x.flip(-1)], dim=0)
             out = model(x, request)
-            rec = out.records
-            cam = out.cam.float()
-            nv, _, h, w = cam.shape
-            c = rec.num_prefix_tokens
-            if c > 1:
-                cam = cam * rec.class_attention.float().view(nv, c, h, w)
-            cam = cam[:, keys]
-            cam = attention_apply([rec.qs[layer] for layer in all_layers], [rec.ks[layer] for layer in all_layers],
-                                  cam.flatten(2), num_prefix_tokens=c, scale=rec.scale).view(nv, -1, h, w)
+            cam = refine_cam(out, all_layers, None, classes=keys[None].expand(out.cam.shape[0], -1))
             cam = F.interpolate(cam, size=(size[0] + pad_h, size[1] + pad_w), mode="bilinear", align_corners=False)
             if flip and flip_after_pad:
                 cam = torch.cat([cam[:1], cam[1:].flip(-1)], dim=0)

@@ -1,6 +1,8 @@
 """Conformer (TransCAM-style AReAM) pseudo labels, inference CAMs and training settings, without N x N attention.
 
-The Conformer has one class token, so the CAM path is the spec §3.1 one-class-token path: no class->patch
+The Conformer has one class token, so the CAM path is the one-class-token path of docs/semantics.md, "CAM refinement":
+no
+class->patch
 product, the patch block is [1:, 1:], and the cam is the raw (not ReLU'd) CNN map. The functions here set the
 Conformer's official values (main_voc_conformer.py, config.py, infer_conformer.py of Jessie459/AReAM) on top
 of the shared pieces: ``aream_fast.pseudo_labels.cam.pseudo_label_cams`` (multi-scale + flip CAMs, refinement by
@@ -11,10 +13,11 @@ fusion, patch sampling).
   layers 0..layer_index-1 (layer_index 9).
 * ``conformer_patch_labels``: the pseudo labels of the AReAM loss, with the official crop-box rule
   (``apply_crop_box``: patches whose sampled pixel lies outside the image's crop box are ignored).
-* ``conformer_inference_cam``: infer_conformer.py seeds (spec §5.2): scales 0.5 / 1 / 1.5 of the native size,
+* ``conformer_inference_cam``: infer_conformer.py seeds (docs/semantics.md, "Inference CAMs"): scales 0.5 / 1 / 1.5 of
+  the native size,
   each padded to a multiple of 16 and then batched with its flip, refinement over all layers.
 * ``CONFORMER_TRAINING``, ``conformer_param_groups``, ``conformer_lr_schedule``: the official optimiser and
-  schedule (spec §7).
+  schedule (docs/semantics.md, "Training details").
 
 Shapes: B batch, K classes, (H, W) image size, (h, w) = (H/16, W/16) token grid, P = h * w.
 """
@@ -33,7 +36,8 @@ CONFORMER_LAYER_INDEX = 9  # loss on layers 9..11, refinement on 0..8 (main_voc_
 CONFORMER_PSEUDO_SCALES = (0.5, 1.0, 1.5)  # main_voc_conformer.py: gen_msf_cam(scales=[0.5, 1.0, 1.5])
 CONFORMER_INFERENCE_SCALES = (0.5, 1.0, 1.5)  # infer_conformer.py --scales
 
-# main_voc_conformer.sh + config.py (spec §7). lr_scale multiplies the lr of every parameter whose name
+# main_voc_conformer.sh + config.py (docs/semantics.md, "Training details"). lr_scale multiplies the lr of every
+# parameter whose name
 # contains "head" (cnn_head, att_head). The schedule is per optimizer step: ``conformer_lr_schedule``.
 CONFORMER_TRAINING: Dict[str, object] = dict(
     model="conformer_small", crop_size=384, batch_size=8, epochs=12, warmup_epochs=1, cls_epochs=2,
@@ -56,7 +60,8 @@ def conformer_layers(depth: int = 12, layer_index: int = CONFORMER_LAYER_INDEX) 
 def conformer_pseudo_label_cams(model: nn.Module, images: Tensor, labels: Tensor, *,
                                 layer_index: int = CONFORMER_LAYER_INDEX, refine_weights: LayerWeights = None,
                                 scales: Sequence[float] = CONFORMER_PSEUDO_SCALES, present_only: bool = False):
-    """Official Conformer ``gen_msf_cam`` (spec §3.1, one class token) via ``aream_fast.pseudo_labels.cam.pseudo_label_cams``.
+    """Official Conformer ``gen_msf_cam`` (docs/semantics.md, "CAM refinement", one class token) via
+    ``aream_fast.pseudo_labels.cam.pseudo_label_cams``.
 
     The model stays in its mode (officially train: BN uses and updates the statistics of each [x_s; flip(x_s)]
     batch). images (B, 3, H, W) normalised, H/2 and 3H/2 (and W) multiples of 16 for the default scales (384
@@ -88,7 +93,8 @@ def crop_box_patch_mask(img_box, image_size: Tuple[int, int], patch_size: int = 
     img_box: (B, 4) integers (i1, i2, j1, j2), the image's rows [i1, i2) and columns [j1, j2) inside the
     crop (datasets/transforms.py ``RandomCrop`` of the official code; the rest is the crop's zero padding).
     The official ``cam_to_seg`` writes only the box and leaves 255 elsewhere; ``seg_to_aff`` then reads the
-    top-left pixel of each patch (spec §3.2 item 4, §3.4), so a patch is ignored iff that pixel is outside.
+    top-left pixel of each patch (docs/semantics.md, "Pseudo labels", "Patch labels"), so a patch is ignored iff that
+    pixel is outside.
     """
     hh, ww = int(image_size[0]), int(image_size[1])
     if hh % patch_size or ww % patch_size:
@@ -137,7 +143,7 @@ def conformer_patch_labels(model: nn.Module, images: Tensor, labels: Tensor, *, 
 def conformer_inference_cam(model: nn.Module, image: Tensor, labels: Tensor, *,
                             scales: Sequence[float] = CONFORMER_INFERENCE_SCALES,
                             flip: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-    """infer_conformer.py seeds for one image (spec §5.2), without N x N attention, via
+    """infer_conformer.py seeds for one image (docs/semantics.md, "Inference CAMs"), without N x N attention, via
     ``aream_fast.pseudo_labels.cam.inference_cam(flip_after_pad=True)``.
 
     Eval mode (restored afterwards). Per scale s: the image bicubic-resized to (int(sH), int(sW)) (the

@@ -1,4 +1,5 @@
-"""CAMs -> fused pixel pseudo labels -> per-patch labels for the AReAM loss (spec §3.2, §3.4).
+"""CAMs -> fused pixel pseudo labels -> per-patch labels for the AReAM loss (docs/semantics.md, "Pseudo labels", "Patch
+labels").
 
 Official ``cam_to_seg`` (tools/camutils.py) is called twice (bg scores 0.35 and 0.55) with a Python loop over
 images. Here both scores and every image go through ONE batched PAR call: the bg score is a constant channel,
@@ -139,7 +140,8 @@ def cams_to_patch_labels(images: Tensor, cams: CAMs, labels: Tensor, *, par: PAR
         par: a :class:`aream_fast.pseudo_labels.par.PAR` module.
         bg_low / bg_high: the two constant background scores (official score_l 0.35, score_h 0.55).
         sample_only: evaluate the upsampled map only at the P pixels (patch_size·i, patch_size·j) that
-            ``seg_to_patch_labels`` reads (spec §3.4 "Consequence"); same patch labels (up to float rounding of
+            ``seg_to_patch_labels`` reads (docs/semantics.md, "Patch labels"); same patch labels (up to
+            float rounding of
             exact ties), and ``seg`` is returned as None.
 
     Returns:

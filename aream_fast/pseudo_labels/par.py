@@ -1,4 +1,4 @@
-"""PAR: pixel-adaptive refinement of label maps by local colour affinity (spec §3.3).
+"""PAR: pixel-adaptive refinement of label maps by local colour affinity (docs/semantics.md, "PAR").
 
 Same semantics as the official ``networks/PAR.py`` (AReAM, from AFA/ToCo): 48 neighbours (8 per dilation in
 row-major order, dilations 1, 2, 4, 8, 12, 24), no self term, replicate padding (= clamped coordinates),

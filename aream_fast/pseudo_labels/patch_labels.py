@@ -1,6 +1,7 @@
 """Per-patch pseudo labels for the AReAM affinity loss.
 
-Official rule (Jessie459/AReAM ``seg_to_aff``, spec §3.4): the pixel label map is downsampled with legacy
+Official rule (Jessie459/AReAM ``seg_to_aff``, docs/semantics.md, "Patch labels"): the pixel label map is downsampled
+with legacy
 ``nearest`` interpolation, whose source index is ``floor(i * patch_size)``, so each patch takes the label of
 its **top-left pixel** ``(patch_size * i, patch_size * j)`` -- not a majority vote, not the centre.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from aream_fast.models.records import check_int_tensor
 
 __all__ = ["seg_to_patch_labels"]
 
@@ -26,12 +29,7 @@ def seg_to_patch_labels(seg: Tensor, patch_size: int, ignore_index: int = 255) -
         (B, P) int64 with P = (H / patch_size) * (W / patch_size), patches in row-major order; entry
         ``[b, i * (W / patch_size) + j]`` is ``seg[b, patch_size * i, patch_size * j]``.
     """
-    if not isinstance(seg, Tensor):
-        raise ValueError(f"seg must be a torch.Tensor of shape (B, H, W), got {type(seg).__name__}")
-    if seg.dim() != 3:
-        raise ValueError(f"seg must have shape (B, H, W), got shape {tuple(seg.shape)}")
-    if seg.dtype.is_floating_point or seg.dtype.is_complex or seg.dtype == torch.bool:
-        raise ValueError(f"seg must be an integer tensor, got dtype {seg.dtype}")
+    check_int_tensor(seg, "seg", "B, H, W")
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     if not isinstance(ignore_index, int):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aream_fast.models.records import as_layer_list
+from aream_fast.models.records import acc_dtype, as_layer_list
 
 
 def attention_apply(qs: Union[Tensor, Sequence[Tensor]], ks: Union[Tensor, Sequence[Tensor]], values: Tensor, *,
@@ -25,12 +25,13 @@ def attention_apply(qs: Union[Tensor, Sequence[Tensor]], ks: Union[Tensor, Seque
 
     out[b, :, m] = (1/L) sum_l w_l * mean_h sum_n softmax(scale q_lh k_lh^T)[b, C+m, C+n] * values[b, :, n]
 
-    This is the official refinement ``cam' = R cam`` (spec §3.1 step 4-5): R = mean over layers of
+    This is the official refinement ``cam' = R cam`` (docs/semantics.md, "CAM refinement"): R = mean over layers of
     Ā_l[C:, C:] ('U', w = 1) or (1/L) sum_l (1 - e_l) Ā_l[C:, C:] ('E', pass w_l = 1 - e_l): the weights are
     not renormalised, the sum is divided by the number of layers. It runs as SDPA with the P patch queries,
     all N keys and V = [0 (C rows); values^T (P rows)], so softmax keeps the class columns in its
     denominator and drops them from the product. V's width is padded (or split into chunks) to the head
-    width d: with any other width SDPA on CPU silently falls back to its N x N math path (DESIGN.md).
+    width d: with any other width SDPA on CPU silently falls back to its N x N math path
+    (docs/semantics.md, "Fast path", item 5).
 
     qs, ks: sequence over L layers of (B, H, N, d), or one stacked (L, B, H, N, d) tensor.
     values: (B, K, P). layer_weights: None or L floats / (L,) tensor.
@@ -71,7 +72,7 @@ def attention_apply(qs: Union[Tensor, Sequence[Tensor]], ks: Union[Tensor, Seque
     v = values.detach().to(dtype).new_zeros(b, n, n_chunks * d)
     v[:, c:, :kk] = values.detach().to(dtype).transpose(1, 2)
     v = v.view(b, n, n_chunks, d).permute(2, 0, 1, 3).reshape(n_chunks * b, 1, n, d).expand(-1, h, -1, -1)
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc_dt = acc_dtype(dtype)
     acc = None
     for q, k, w in zip(qs, ks, weights):
         if w == 0.0:
@@ -82,12 +83,12 @@ def attention_apply(qs: Union[Tensor, Sequence[Tensor]], ks: Union[Tensor, Seque
             qp = qp.repeat(n_chunks, 1, 1, 1)
             kf = kf.repeat(n_chunks, 1, 1, 1)
         out = F.scaled_dot_product_attention(qp, kf, v, scale=scale)  # (n_chunks*B, H, P, d)
-        term = out.to(acc_dtype).mean(dim=1)  # accumulate in fp32 even when q, k are fp16 / bf16 (AMP)
+        term = out.to(acc_dt).mean(dim=1)  # accumulate in fp32 even when q, k are fp16 / bf16 (AMP)
         if w != 1.0:
             term = term * w
         acc = term if acc is None else acc + term
     if acc is None:
-        return values.new_zeros(b, kk, p, dtype=acc_dtype)
+        return values.new_zeros(b, kk, p, dtype=acc_dt)
     acc = acc / n_layers  # (n_chunks*B, P, d)
     acc = acc.view(n_chunks, b, p, d).permute(1, 2, 0, 3).reshape(b, p, n_chunks * d)[:, :, :kk]
     return acc.transpose(1, 2).contiguous()

@@ -1,4 +1,5 @@
-"""Conformer (TransCAM-style AReAM, spec §1.2, §3.1, §5.2, §7) against the official-style eager Conformer.
+"""Conformer (TransCAM-style AReAM, docs/semantics.md, "Conformer", "CAM refinement", "Inference CAMs", "Training
+details") against the official-style eager Conformer.
 
 ``aream_fast.official.conformer.OfficialConformer`` is built with the official stage loops and materialises
 every layer's (B, H, N, N) logits; the fast ``Conformer`` gets the same weights (``from_model``). The models are
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from aream_fast import PAR, AttentionRequest, aream_loss, build_model, load_pretrained
-from aream_fast.official.mctformer import OfficialPAR, official_seg_to_aff
+from aream_fast.official.loss import official_seg_to_aff
+from aream_fast.official.pseudo_labels import OfficialPAR
 from aream_fast.pseudo_labels.conformer import (CONFORMER_TRAINING, apply_crop_box, conformer_inference_cam,
                                        conformer_layers, conformer_lr_schedule, conformer_param_groups,
                                        conformer_patch_labels, conformer_pseudo_label_cams, conformer_random_crop,

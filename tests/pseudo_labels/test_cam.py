@@ -1,5 +1,6 @@
-"""aream_fast.pseudo_labels.cam against the official formulation (materialised attention, aream_fast.official.cam):
-spec §3.1 (gen_msf_cam), the from-forward variant, and §5.1 (inference seeds + npy format)."""
+"""aream_fast.pseudo_labels.cam against the official formulation (materialised attention, aream_fast.official):
+docs/semantics.md, "CAM refinement" (gen_msf_cam), the from-forward variant, and "Inference CAMs" (seeds + npy
+format)."""
 import numpy as np
 import pytest
 import torch
@@ -7,8 +8,8 @@ import torch
 from aream_fast.pseudo_labels.cam import cams_from_output, inference_cam, pseudo_label_cams
 from aream_fast.pseudo_labels.seeds import load_cam_npy, save_cam_npy
 from aream_fast.models import build_model
-from aream_fast.official.cam import (cams_from_logits_reference, forward_with_logits,
-                                               gen_msf_cam_reference, inference_cam_reference)
+from aream_fast.official.model import forward_with_logits
+from aream_fast.official.pseudo_labels import cams_from_logits_reference, gen_msf_cam, inference_cam_reference
 from aream_fast.models.records import AttentionRequest
 
 TINY = dict(embed_dim=48, num_heads=3, depth=4)
@@ -46,7 +47,7 @@ def test_pseudo_label_cams_match_official(name, size, scales, weights):
     labels = _labels(2, k)
     refine = (0, 1, 2)
     got = pseudo_label_cams(model, images, labels, refine_layers=refine, refine_weights=weights, scales=scales)
-    want = gen_msf_cam_reference(model, images, labels, refine_layers=refine, refine_weights=weights,
+    want = gen_msf_cam(model, images, labels, refine_layers=refine, refine_weights=weights,
                                  scales=scales)
     assert model.training  # the model stays in its mode
     assert got.shape == (2, k, *size) and not got.requires_grad
@@ -61,7 +62,7 @@ def test_pseudo_label_cams_class_attention_layers_and_no_flip():
     images, labels = torch.randn(1, 3, 64, 48), torch.ones(1, 4)
     got = pseudo_label_cams(model, images, labels, refine_layers=(1, 3), class_attention_layers=(2, 3),
                             refine_weights={1: 0.5, 3: 1.0}, flip=False)
-    want = gen_msf_cam_reference(model, images, labels, refine_layers=(1, 3), class_attention_layers=(2, 3),
+    want = gen_msf_cam(model, images, labels, refine_layers=(1, 3), class_attention_layers=(2, 3),
                                  refine_weights=[0.5, 1.0], flip=False)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 

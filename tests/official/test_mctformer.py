@@ -1,4 +1,4 @@
-"""The official-formulation baseline (aream_fast.official.mctformer) runs the SAME weights as our model and computes the
+"""The official formulation (aream_fast.official) runs the SAME weights as our model and computes the
 SAME loss, gradients and pseudo labels as our fused path, given the same weights / inputs / pseudo labels.
 
 Tiny MCTformer (D = 32, 4 blocks, 2 heads, K = 3), drop_path 0 so that both sides are deterministic.
@@ -7,17 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aream_fast.official.mctformer import (
-    OfficialMCTformerV2,
-    OfficialPAR,
-    official_affinity_loss,
-    official_cam_to_seg,
-    official_fuse_segs,
-    official_gen_msf_cam,
-    official_pseudo_affinity,
-    official_seg_to_aff,
-    official_training_step,
-)
+from aream_fast.official.loss import official_affinity_loss, official_seg_to_aff
+from aream_fast.official.model import OfficialMCTformerV2
+from aream_fast.official.pseudo_labels import OfficialPAR, gen_msf_cam, official_cam_to_seg, official_pseudo_affinity
+from aream_fast.official.step import official_training_step
+from aream_fast.pseudo_labels.labels import fuse_segs
 from aream_fast.models import build_model
 from aream_fast.models.records import AttentionRequest
 
@@ -64,7 +58,7 @@ def test_twin_loads_our_weights_and_matches_our_forward():
             torch.testing.assert_close(z[layer], zl, rtol=1e-4, atol=1e-5)
 
 
-def test_baseline_loss_and_gradients_equal_reference_and_ours():
+def test_official_loss_and_gradients_equal_reference_and_ours():
     """Same weights, inputs and pseudo labels: official loss on (B, P, P) == aream_loss_reference == ours, and
     one backward gives the same parameter gradients."""
     from aream_fast.losses.aream import aream_loss
@@ -129,10 +123,10 @@ def test_official_par_matches_ours():
     torch.testing.assert_close(PAR()(images, masks), OfficialPAR()(images, masks), rtol=1e-4, atol=1e-5)
 
 
-def test_official_fuse_segs_rule():
+def test_fuse_segs_rule():
     seg_l = torch.tensor([[[0, 0, 2, 3]]])
     seg_h = torch.tensor([[[0, 1, 0, 3]]])
-    assert official_fuse_segs(seg_l, seg_h).tolist() == [[[0, 1, 255, 3]]]
+    assert fuse_segs(seg_l, seg_h).tolist() == [[[0, 1, 255, 3]]]
 
 
 def test_official_pseudo_labels_match_ours():
@@ -147,7 +141,7 @@ def test_official_pseudo_labels_match_ours():
     twin = OfficialMCTformerV2.from_model(model).eval()
     images, labels = _batch(b=3, hw=(64, 48))
     layer_index = SUPERVISED[0]
-    cams_off = official_gen_msf_cam(twin, images, layer_index=layer_index) * labels[:, :, None, None]
+    cams_off = gen_msf_cam(twin, images, labels, refine_layers=range(layer_index))
     cams_ours = pseudo_label_cams(model, images, labels, refine_layers=tuple(range(layer_index)),
                                   class_attention_layers=tuple(range(DEPTH)), flip=True)
     # fp32 rounding only (min-max normalisation of an untrained model's small-range CAMs amplifies it; both
@@ -198,3 +192,21 @@ def test_official_training_step_updates_weights():
                                    supervised_layers=SUPERVISED)
     assert torch.isfinite(terms["loss"]) and terms["loss_aff"] > 0
     assert not torch.equal(before, twin.blocks[3].attn.qkv.weight)
+
+
+def test_gen_msf_cam_same_on_twin_and_on_our_model():
+    """The one official gen_msf_cam runs an OfficialMCTformerV2 or a WSSSViT (through forward_with_logits); on the
+    same weights both give the same CAMs, 'U' and 'E', with two scales."""
+    model = _tiny_model().eval()
+    twin = OfficialMCTformerV2.from_model(model).eval()
+    images, labels = _batch(b=2, hw=(64, 96))
+    for weights in (None, [0.3, 0.9]):
+        a = gen_msf_cam(model, images, labels, refine_layers=(0, 1), refine_weights=weights, scales=(1.0, 0.5))
+        b = gen_msf_cam(twin, images, labels, refine_layers=(0, 1), refine_weights=weights, scales=(1.0, 0.5))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert a.shape == (2, K, 64, 96) and float(a.max()) > 0.9  # min-max: the maximum is ~1
+
+
+def test_official_seg_to_aff_rejects_bad_seg():
+    with pytest.raises(ValueError, match="seg must be a"):
+        official_seg_to_aff(torch.zeros(2, 32, dtype=torch.long))

@@ -1,4 +1,4 @@
-"""PAR (spec §3.3) against a straightforward per-pixel loop with clamped coordinates."""
+"""PAR (docs/semantics.md, "PAR") against a straightforward per-pixel loop with clamped coordinates."""
 import math
 
 import numpy as np
@@ -11,7 +11,7 @@ DIRS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
 
 def par_loop(img, masks, dilations, num_iters, w1=0.3, w2=0.01):
-    """Reference written from the spec: float64 numpy, one pixel and one neighbour at a time."""
+    """Reference written from docs/semantics.md, "PAR": float64 numpy, one pixel and one neighbour at a time."""
     img = np.asarray(img, np.float64)
     m = np.asarray(masks, np.float64).copy()
     C, H, W = img.shape
@@ -51,7 +51,7 @@ def test_position_kernel_numbers():
     for d, (bd, ba) in enumerate([(0.0683, 0.0765), (0.0346, 0.0544), (0.0023, 0.0140)]):
         np.testing.assert_allclose(b[d, diag], bd, atol=1e-4)
         np.testing.assert_allclose(b[d, axis], ba, atol=1e-4)
-    assert b[3].max() < 6.1e-5 and b[4:].max() < 1e-8  # spec: "≤6e-5 (d=8), ≈0 (d=12, 24)"
+    assert b[3].max() < 6.1e-5 and b[4:].max() < 1e-8  # position weights: ≤6e-5 at d=8, ≈0 at d=12, 24
     assert beta.sum() == pytest.approx(1.0, abs=1e-6)
     assert par_offsets((1,))[:3] == [(-1, -1), (-1, 0), (-1, 1)]
 

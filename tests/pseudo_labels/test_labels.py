@@ -1,4 +1,5 @@
-"""cams_to_patch_labels (spec §3.2, §3.4) against a per-image loop written like the official cam_to_seg."""
+"""cams_to_patch_labels (docs/semantics.md, "Pseudo labels", "Patch labels") against a per-image loop written like the
+official cam_to_seg."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,4 @@
 """scripts/evaluate.py end to end on a tiny synthetic split."""
-import importlib.util
 import json
 import os
 import shutil
@@ -12,16 +11,13 @@ import pytest
 
 from aream_fast.data import ensure_synthetic, read_mask, write_mask
 from aream_fast.evaluation.metrics import cam_to_prediction, confusion_matrix, iou_from_confusion
+from tests._scripts import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/evaluate.py", "evaluate_script")
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +149,7 @@ def _voc_tree_with_both_mask_folders(tmp_path):
 
 
 def test_voc_default_ground_truth_is_segmentation_class(tmp_path):
-    # Official protocol (spec §5.3): VOC CAMs are scored against SegmentationClass even when
+    # Official protocol (docs/semantics.md, "Evaluation"): VOC CAMs are scored against SegmentationClass even when
     # SegmentationClassAug (preferred for training) exists; Aug is the fallback when Class lacks masks.
     ev = _load_script()
     root = _voc_tree_with_both_mask_folders(tmp_path)

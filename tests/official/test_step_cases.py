@@ -1,5 +1,5 @@
 """benchmarks.step_cases: the four benchmark modes build and run one full step on a tiny model, from the same
-weights and batch, and agree where they must (same classification loss; same AReAM loss for baseline vs ours
+weights and batch, and agree where they must (same classification loss; same AReAM loss for official vs ours
 when the pseudo labels agree)."""
 import pytest
 import torch
@@ -20,13 +20,13 @@ def test_all_modes_one_step_same_weights():
         assert torch.isfinite(terms[mode]["loss"]), mode
         assert not torch.equal(weights[mode], case.model.blocks[3].attn.qkv.weight), f"{mode}: no optimizer step"
     for mode in STEP_MODES[1:]:
-        torch.testing.assert_close(weights[mode], weights["baseline"])  # same initial weights
-        torch.testing.assert_close(terms[mode]["loss_cls"], terms["baseline"]["loss_cls"], rtol=1e-5, atol=1e-6)
-    assert "loss_aff" not in terms["limit"]
-    for mode in ("baseline", "ours", "ours-reuse"):
+        torch.testing.assert_close(weights[mode], weights["official"])  # same initial weights
+        torch.testing.assert_close(terms[mode]["loss_cls"], terms["official"]["loss_cls"], rtol=1e-5, atol=1e-6)
+    assert "loss_aff" not in terms["cls-only"]
+    for mode in ("official", "ours", "ours-reuse"):
         assert terms[mode]["loss_aff"] > 0, mode
     # drop_path 0, so both sides are deterministic: ours' pseudo labels come from the same CAMs as the official ones
-    torch.testing.assert_close(terms["ours"]["loss_aff"], terms["baseline"]["loss_aff"], rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(terms["ours"]["loss_aff"], terms["official"]["loss_aff"], rtol=2e-2, atol=1e-3)
 
 
 def test_synthetic_batch_and_mode_checks():
@@ -38,7 +38,7 @@ def test_synthetic_batch_and_mode_checks():
         check_mode("fast")
     with pytest.raises(ValueError, match="batch"):
         synthetic_batch(0, 32, 5)
-    case = build_step_case("limit", img_size=32, batch=1, num_classes=3, supervised_layers=(2, 3),
+    case = build_step_case("cls-only", img_size=32, batch=1, num_classes=3, supervised_layers=(2, 3),
                            model_kwargs=TINY)
     with pytest.raises(ValueError, match="supervised_layers"):
         make_ours_step(case.model, par=None, supervised_layers=(1, 2), aream=False)

@@ -1,6 +1,5 @@
 """scripts/analyze_layers.py end to end on a tiny checkpoint and a tiny synthetic split, with --compare."""
 import csv
-import importlib.util
 import json
 import os
 
@@ -8,14 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests._scripts import load_script
+
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("analyze_layers", os.path.join(ROOT, "scripts", "analyze_layers.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/analyze_layers.py", "analyze_layers")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,8 @@ def tiny_setup(tmp_path_factory):
     model = build_model_from_config(cfg, k)
     # the TRAIN engine's checkpoint format (aream_fast/engine/checkpoint.py)
     engine_ckpt = str(tmp / "checkpoint.pth")
-    torch.save({"format": 1, "model": model.state_dict(), "config": cfg.to_dict(), "epoch": 1}, engine_ckpt)
+    torch.save({"format": 1, "model": model.state_dict(), "config": cfg.to_dict(), "epoch": 1, "num_classes": k},
+               engine_ckpt)
     torch.manual_seed(1)
     other = build_model_from_config(cfg, k)
     with torch.no_grad():  # sharpen attention so the two checkpoints differ visibly

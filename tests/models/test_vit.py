@@ -1,4 +1,5 @@
-"""aream_fast.models: timm parity, DeiT -> MCTformer loading (spec §1.1), attention export, compile, errors."""
+"""aream_fast.models: timm parity, DeiT -> MCTformer loading (docs/semantics.md, "Model"), attention export, compile,
+errors."""
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from aream_fast.models import build_model, load_pretrained
-from aream_fast.official.cam import forward_with_logits
+from aream_fast.official.model import forward_with_logits
 from aream_fast.models.records import AttentionRequest
 
 TINY = dict(embed_dim=48, num_heads=3, depth=4)

@@ -1,4 +1,5 @@
-"""Entropy layer weights (spec §4) against an eager re-implementation of the official ent_voc_mctformer.py loop."""
+"""Entropy layer weights (docs/semantics.md, "Entropy layer weights") against an eager re-implementation of the
+official ent_voc_mctformer.py loop."""
 import math
 
 import numpy as np

@@ -1,5 +1,6 @@
 """aream_fast.models.attention: class->patch rows and attention-apply against materialised attention, and SDPA's
-memory at a large N (DESIGN.md: V narrower than the head width makes CPU SDPA fall back to N x N)."""
+memory at a large N (docs/semantics.md, "Fast path", item 5: V narrower than the head width makes CPU SDPA fall back to
+N x N)."""
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import torch
 
 from aream_fast.models.attention import Attention, class_patch_attention
 from aream_fast.pseudo_labels.refine import attention_apply
+from tests._scripts import REPO
 
 
 def _dense_mean_softmax(q, k, scale):
@@ -98,7 +100,7 @@ print(json.dumps({"delta_bytes": (status_kib("VmHWM") - base) * 1024}))
 def _probe(mode, n):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, mode, str(n)], capture_output=True, text=True,
-                         env=env, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         env=env, timeout=120, cwd=REPO)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])["delta_bytes"]
 
@@ -123,7 +125,7 @@ def test_importing_and_running_the_model_does_not_import_triton():
             "m(torch.randn(1, 3, 32, 32), AttentionRequest(refine_layers=(0,), class_attention_layers=(0, 1)))\n"
             "assert 'triton' not in sys.modules, 'triton imported'\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=REPO)
     assert res.returncode == 0, res.stderr
 
 

@@ -1,4 +1,5 @@
-"""seg_to_patch_labels (official nearest rule, spec §3.4) and pair_counts (bincount counts with +1)."""
+"""seg_to_patch_labels (official nearest rule, docs/semantics.md, "Patch labels") and pair_counts (bincount counts with
++1)."""
 import pytest
 import torch
 
