@@ -37,7 +37,8 @@ GT_FOLDER_NAMES = ("SegmentationClass", "SegmentationClassAug")
 def _crf(image: np.ndarray, probs: torch.Tensor, preset: str, iterations: int) -> torch.Tensor:
     from aream_fast.stage2.crf import dense_crf  # lazy: the CRF is only needed when asked for
 
-    return torch.as_tensor(dense_crf(image, probs, preset=preset, iterations=iterations))
+    # the [bg; cams] scores are not normalised over the labels (official CAM CRF, spec §5.4)
+    return torch.as_tensor(dense_crf(image, probs, preset=preset, iterations=iterations, normalized=False))
 
 
 def pseudo_mask(keys, cams, *, bg_threshold: Optional[float] = None, image: Optional[np.ndarray] = None,
