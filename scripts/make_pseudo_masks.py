@@ -68,6 +68,9 @@ def _threshold(args: argparse.Namespace):
     from aream_fast.stage2.masks import best_threshold_from
 
     if args.ignore:
+        if args.bg_threshold != "auto":
+            raise ValueError("--ignore uses the la / ha background planes (alphas 1 and 12), not --bg-threshold; "
+                             "drop one of them")
         return None, "not used (--ignore: la / ha alphas 1 and 12)"
     if args.bg_threshold == "auto":
         return best_threshold_from(args.cam_dir, args.split)
@@ -118,8 +121,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     files = resolve_split(args.dataset, args.data_root, args.split, with_masks=False, cls_labels=args.cls_labels)
     gt_dirs = gt_folders(files.root, None if args.mask_dir is None else files.root / args.mask_dir)
-    refuse_gt_folder(args.cam_dir, gt_dirs, "CAM folder")
-    refuse_gt_folder(args.out_dir, gt_dirs, "output folder")
+    refuse_gt_folder(args.cam_dir, gt_dirs, "CAM folder", "read CAMs from")
+    refuse_gt_folder(args.out_dir, gt_dirs, "output folder", "write pseudo masks into")
     threshold, threshold_source = _threshold(args)
     crf_info = None
     if args.crf is not None:

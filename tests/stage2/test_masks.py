@@ -226,6 +226,8 @@ def test_script_bad_inputs(tiny, tmp_path):
         script.main(argv)
     with pytest.raises(ValueError, match="--bg-threshold must be in"):
         script.main(_argv(tiny, tmp_path / "o", "--bg-threshold", "1.5"))
+    with pytest.raises(ValueError, match="--ignore uses"):
+        script.main(_argv(tiny, tmp_path / "o", "--bg-threshold", "0.4", "--ignore"))
     with pytest.raises(SystemExit):
         script.main(_argv(tiny, tmp_path / "o", "--random-walk", "aream"))  # no --checkpoint
     with pytest.raises(ValueError, match="preset"):
