@@ -212,9 +212,13 @@ def apply_transition(trans: Tensor, x: Tensor, t: int, *, method: str = "auto") 
     if method == "auto":
         method = choose_method(t, x.shape[1], x.shape[0])
     if method == "matvec":
+        # as rows: x^T <- x^T T^T, (C, P) @ (P, P)^T; measured several times faster on CPU than T @ x with a
+        # skinny (P, C) right-hand side (benchmarks/RESULTS.md, "Random walk")
+        xt = x.T.contiguous()
+        trans_t = trans.T
         for _ in range(t):
-            x = trans @ x
-        return x
+            xt = xt @ trans_t
+        return xt.T
     power = trans
     while t:
         if t & 1:
