@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     threshold, threshold_source = _threshold(args)
     crf_info = None
     if args.crf is not None:
-        from aream_fast.stage2.crf import CRF_PRESETS
+        from aream_fast.stage2 import CRF_PRESETS
 
         if args.crf not in CRF_PRESETS:
             raise ValueError(f"--crf must be one of {sorted(CRF_PRESETS)}, got {args.crf!r}")

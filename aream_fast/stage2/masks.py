@@ -35,7 +35,7 @@ GT_FOLDER_NAMES = ("SegmentationClass", "SegmentationClassAug")
 
 
 def _crf(image: np.ndarray, probs: torch.Tensor, preset: str, iterations: int) -> torch.Tensor:
-    from aream_fast.stage2.crf import dense_crf  # lazy: the CRF is only needed when asked for
+    from aream_fast.stage2 import dense_crf  # lazy: the CRF is only needed when asked for
 
     # the [bg; cams] scores are not normalised over the labels (official CAM CRF, spec §5.4)
     return torch.as_tensor(dense_crf(image, probs, preset=preset, iterations=iterations, normalized=False))
@@ -157,7 +157,7 @@ def write_pseudo_masks(files, cam_dir: Path, out_dir: Path, *, bg_threshold: Opt
     image raise errors naming the file (CAM files of images outside the split are not read). Returns the count."""
     from tqdm import tqdm
 
-    from aream_fast.cam import load_cam_npy
+    from aream_fast import load_cam_npy
     from aream_fast.data.image_io import image_size, read_image, write_mask
 
     cam_dir, out_dir = Path(cam_dir), Path(out_dir)

@@ -142,7 +142,7 @@ def vit_affinity(model: nn.Module, image: Tensor, *, layers: Sequence[int], symm
     ``aream_fast.inference_cam``), one forward exporting the q, k of ``layers``. Returns (P, P) float32,
     P = ceil(H / s) * ceil(W / s) (``attention_affinity``).
     """
-    from aream_fast.records import AttentionRequest
+    from aream_fast import AttentionRequest
 
     if not isinstance(image, Tensor) or image.dim() != 3:
         raise ValueError(f"image must be a (3, H, W) tensor, got {getattr(image, 'shape', type(image))}")
