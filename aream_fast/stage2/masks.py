@@ -192,6 +192,7 @@ def write_pseudo_masks(files, cam_dir: Path, out_dir: Path, *, bg_threshold: Opt
                            crf_iterations=crf_iterations, random_walk=random_walk, affinity=affinity,
                            patch_size=patch_size, rw_overrides=rw_overrides, ignore=ignore)
         write_mask(out_dir / f"{name}.png", mask)
+        del affinity  # never two images' P x P affinities at once (the next one is built in the next iteration)
     return len(files.names)
 
 

@@ -10,7 +10,7 @@ above. Here A is the head-mean softmax attention of the ViT's deep layers (the A
 default), patch rows and patch columns ``softmax(scale q k^T)[C:, C:]`` averaged over layers and heads,
 symmetrised ``(A + A^T) / 2``. A is built per image from the q, k that the model's forward exports
 (``aream_fast.AttentionRequest``), one image at a time: what is alive is that image's affinity A and its T
-(both P x P; ``pseudo_mask`` / ``write_pseudo_masks`` drop A once the next image starts), plus one more P x P
+(both P x P; ``write_pseudo_masks`` drops A before the next image's is built), plus one more P x P
 power while squaring. No batch of P x P matrices is ever made.
 
 How T^t is applied (``method``): "matvec" = t products ``T @ x`` with x (P, C) (cost t P^2 C), "square" =
