@@ -82,8 +82,9 @@ def main() -> None:
             results.append(r)
     for head in ("largefov", "aspp"):
         rs = [r for r in results if r["head"] == head]
-        print(f"{head}: val mIoU {np.mean([r['val_miou'] for r in rs]) * 100:.2f} "
-              f"(seeds {[round(r['val_miou'] * 100, 2) for r in rs]}), train {np.mean([r['train_s'] for r in rs]):.1f} s")
+        mious = [round(r["val_miou"] * 100, 2) for r in rs]
+        train_s = np.mean([r["train_s"] for r in rs])
+        print(f"{head}: val mIoU {np.mean(mious):.2f} (seeds {mious}), train {train_s:.1f} s")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 Models (``aream_fast.stage2.build_seg_model``, random init, 21 VOC classes): ``vit_small_largefov`` and
 ``vit_small_aspp`` (ViT-S/16 + head on the stride-16 grid) against the CNN comparators ``deeplabv2_resnet101``
-and ``deeplabv3_resnet101`` (dilated ResNet-101, output stride 8); ratios are against ``deeplabv3_resnet101``
+and ``deeplabv3_resnet101`` (dilated ResNet-101, output stride 8; AREAM_BENCH_SEG_MODELS, comma-separated,
+picks a subset, the baseline first); ratios are against ``deeplabv3_resnet101``
 (the baseline) measured in the same run.
 
 * train step: forward + cross-entropy (ignore 255) + backward + SGD step, batch AREAM_BENCH_SEG_BATCH (2) at
-  crop AREAM_BENCH_SEG_SIZE (448), train mode;
+  crop AREAM_BENCH_SEG_SIZE (448), train mode (batch >= 2: DeepLabV3's image-pooling BatchNorm cannot train on
+  one image);
 * MS + flip inference: ``multiscale_flip_probs`` of one AREAM_BENCH_SEG_SIZE image, scales
   AREAM_BENCH_SEG_SCALES (0.5,0.75,1.0,1.25,1.5) + flip, eval mode, no grad.
 
@@ -29,7 +31,8 @@ BATCH = int(os.environ.get("AREAM_BENCH_SEG_BATCH", 2))
 ROUNDS = int(os.environ.get("AREAM_BENCH_SEG_ROUNDS", 5 if _CUDA else 1))
 WARMUP = int(os.environ.get("AREAM_BENCH_SEG_WARMUP", 2 if _CUDA else 0))
 SCALES = tuple(float(s) for s in os.environ.get("AREAM_BENCH_SEG_SCALES", "0.5,0.75,1.0,1.25,1.5").split(","))
-MODELS = ("deeplabv3_resnet101", "deeplabv2_resnet101", "vit_small_largefov", "vit_small_aspp")
+MODELS = tuple(os.environ.get("AREAM_BENCH_SEG_MODELS", "deeplabv3_resnet101,deeplabv2_resnet101,vit_small_largefov,"
+                                                       "vit_small_aspp").split(","))
 BASELINE = "deeplabv3_resnet101"
 NUM_CLASSES = 21
 

@@ -9,9 +9,9 @@ Rules (stated once, the tests check them against a plain per-scale loop):
 * Scale s resizes the (normalised) images bilinearly (align_corners False) to (round(s H), round(s W)).
 * At each scale the logits of the image and of its horizontal mirror (flipped back) are averaged, resized
   bilinearly back to (H, W) and turned into probabilities with a softmax over the classes.
-* Scales are combined by the per-pixel **maximum** of the probabilities (AReAM/MCTformer ``seg`` test code and
-  ToCo take the max over scales; ../shared/reference/stage2_anchors.md section 2), then renormalised to sum to one
-  over the classes (the argmax is unchanged; a CRF needs a distribution). ``combine="mean"`` averages instead.
+* Scales are combined by the per-pixel **maximum** of the probabilities (the ``seg`` test code of
+  Jessie459/AReAM and xulianuwa/MCTformer, and rulixiang/ToCo, take the max over scales), then renormalised to
+  sum to one over the classes (the argmax is unchanged; a CRF needs a distribution). ``combine="mean"`` averages instead.
 * Memory: a scaled image with more than ``max_pixels`` pixels is run as overlapping ``tile`` x ``tile``
   windows (sliding window). Each window keeps only the part of its logits that is at least overlap / 2 away
   from an interior window edge (window i keeps up to the middle of its overlap with window i + 1), so the

@@ -16,7 +16,7 @@ RESNET_NAMES = [n for n in SEG_MODELS if "resnet" in n]
 
 
 def test_names_and_default():
-    assert SEG_MODELS[0] == "vit_small_largefov"
+    assert SEG_MODELS[0] == "vit_small_aspp"
     assert len(set(SEG_MODELS)) == len(SEG_MODELS)
     assert VIT_NAMES and RESNET_NAMES and set(VIT_NAMES) | set(RESNET_NAMES) == set(SEG_MODELS)
 
