@@ -2,7 +2,7 @@
 """Segmentation inference: checkpoint -> PNG predictions (VOC palette) + mIoU with per-class IoU.
 
     python scripts/infer_seg.py --checkpoint runs/seg/checkpoint.pth --dataset voc \
-        --data-root ~/data/VOCdevkit/VOC2012 --splits val train --out out/seg_pred --crf seg_toco
+        --data-root ~/data/VOCdevkit/VOC2012 --splits val train --out out/seg_pred --crf toco
 
 The checkpoint holds {"model": state_dict, "seg_model": {"name", "num_classes", ...}} (the format of
 ``aream_fast.stage2.seg_models.save_seg_checkpoint``). Per split: ``<out>/<split>/<name>.png`` predictions at

@@ -1,7 +1,7 @@
 """Test-time inference of a segmentation network: multi-scale + flip, bounded memory, optional dense CRF.
 
     probs = multiscale_flip_probs(model, images)        # (B, 3, H, W) -> (B, K, H, W) class probabilities
-    probs = crf_refine(image_uint8, probs[0], preset="seg_toco")   # optional CRF, (K, H, W)
+    probs = crf_refine(image_uint8, probs[0], preset="toco")   # optional CRF, (K, H, W)
     labels = probs.argmax(0)
 
 Rules (stated once, the tests check them against a plain per-scale loop):
@@ -11,7 +11,8 @@ Rules (stated once, the tests check them against a plain per-scale loop):
   bilinearly back to (H, W) and turned into probabilities with a softmax over the classes.
 * Scales are combined by the per-pixel **maximum** of the probabilities (the ``seg`` test code of
   Jessie459/AReAM and xulianuwa/MCTformer, and rulixiang/ToCo, take the max over scales), then renormalised to
-  sum to one over the classes (the argmax is unchanged; a CRF needs a distribution). ``combine="mean"`` averages instead.
+  sum to one over the classes (the argmax is unchanged; a CRF needs a distribution). ``combine="mean"``
+  averages instead.
 * Memory: a scaled image with more than ``max_pixels`` pixels is run as overlapping ``tile`` x ``tile``
   windows (sliding window). Each window keeps only the part of its logits that is at least overlap / 2 away
   from an interior window edge (window i keeps up to the middle of its overlap with window i + 1), so the
