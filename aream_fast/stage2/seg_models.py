@@ -254,10 +254,13 @@ def _read_vit_state(path: PathLike) -> Dict[str, Tensor]:
     project (``{"format": 1, "model": ...}`` with RNG state, which needs ``weights_only=False``)."""
     try:
         return read_state_dict(path)
-    except ValueError:
-        ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=False)  # our own training checkpoint
+    except ValueError as not_plain:
+        try:
+            ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=False)  # our own training checkpoint
+        except Exception:  # not a pickle at all: report read_state_dict's message
+            raise not_plain from None
         if not (isinstance(ckpt, dict) and ckpt.get("format") == 1 and isinstance(ckpt.get("model"), dict)):
-            raise
+            raise not_plain from None
         return {(k[7:] if k.startswith("module.") else k): v for k, v in ckpt["model"].items()}
 
 

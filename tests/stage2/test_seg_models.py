@@ -124,6 +124,10 @@ def test_vit_wrong_architecture_refused(tmp_path):
         build_seg_model("vit_small_largefov", 4, pretrained=path, **TINY_VIT)
     with pytest.raises(FileNotFoundError, match="not found"):
         build_seg_model("vit_small_largefov", 4, pretrained=tmp_path / "nope.pth", **TINY_VIT)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        build_seg_model("vit_small_largefov", 4, pretrained=junk, **TINY_VIT)
 
 
 def _imagenet_resnet_state():
