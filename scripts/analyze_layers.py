@@ -106,7 +106,11 @@ def load_model(path: str, device: torch.device, num_heads: Optional[int] = None)
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a text file or truncated checkpoint; re-raised naming the file
+        raise ValueError(f"--checkpoint {path!r} is not a readable PyTorch checkpoint "
+                         f"({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         sd, config = obj["model"], dict(obj.get("config") or {})
     elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -548,4 +552,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from aream_fast.engine.errors import main_guard
+
+    sys.exit(main_guard(main))
