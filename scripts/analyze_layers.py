@@ -108,7 +108,11 @@ def load_model(path: str, device: torch.device, num_heads: Optional[int] = None)
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a text file or truncated checkpoint; re-raised naming the file
+        raise ValueError(f"--checkpoint {path!r} is not a readable PyTorch checkpoint "
+                         f"({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, dict) and "format" in obj and "num_classes" in obj and num_heads is None:
         model, cfg = load_model_from_checkpoint(path, device)
         return model, cfg.to_dict()
@@ -552,4 +556,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from aream_fast.engine.errors import main_guard
+
+    sys.exit(main_guard(main))

@@ -171,8 +171,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from aream_fast.engine.errors import main_guard
+
+    sys.exit(main_guard(main))

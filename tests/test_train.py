@@ -246,7 +246,7 @@ def test_checkpoint_of_the_flat_config_layout_resumes_with_the_same_losses(tmp_p
     try:
         run_dir = str(tmp_path / "resumed")
         argv = legacy["argv"] + ["--data-root", str(root), "--no-cams", "--run-dir", run_dir,
-                                 "--resume", ckpt_path]
+                                 "--resume", ckpt_path, "--threads", "1"]
         assert train_script.main(argv) == 0
     finally:
         torch.set_num_threads(threads)

@@ -239,10 +239,15 @@ class AReAMTask(Task):
         model = self.model
         source = "last"
         if os.path.isfile(best):
-            model = build_model_from_config(cfg.model, self.num_classes,
-                                            image_size=cfg.data.image_size).to(ctx.device)
-            model.load_state_dict(ckpt_io.load_checkpoint(best, map_location=ctx.device)["model"])
-            source = "best val mAP"
+            try:
+                state = ckpt_io.load_checkpoint(best, map_location=ctx.device)["model"]
+            except (RuntimeError, ValueError) as exc:  # truncated / corrupt: the last weights, said loudly
+                ctx.log(f"WARNING: {best} does not load ({exc}); writing CAMs from the last weights instead")
+            else:
+                model = build_model_from_config(cfg.model, self.num_classes,
+                                                image_size=cfg.data.image_size).to(ctx.device)
+                model.load_state_dict(state)
+                source = "best val mAP"
         cam_set = build_cam_eval_split(cfg.data, self.data_root, cfg.cams.cam_split)
         cam_dir = os.path.join(ctx.run_dir, f"cams_{cfg.cams.cam_split}")
         t0 = time.time()

@@ -83,6 +83,8 @@ class DataConfig:
     image_size: int = option(96, "training crop (multiple of 16)")
     num_workers: int = option(0, "data loader worker processes")
     skip_bad_images: bool = option(False, "skip unreadable/corrupt images with a warning instead of stopping")
+    full_image_check: bool = option(False, "before training, decode every listed image and mask in full (default: "
+                                           "a cheap check of each file's header, size and mode)")
 
     def validate(self) -> None:
         if self.dataset != "synthetic" and not self.data_root:
@@ -110,7 +112,10 @@ class ModelConfig:
     num_heads: Optional[int] = option(3, "override the number of heads ('none' = the named model's)",
                                       parse=parse_optional_int)
     drop_path: float = option(0.1, "stochastic depth rate, in [0, 1)")
-    pretrained: Optional[str] = option(None, "local timm/DeiT/Conformer state dict (.pth) to start from")
+    pretrained: Optional[str] = option(None, "local timm/DeiT/Conformer state dict (.pth), or a checkpoint.pth of "
+                                             "this project (its model weights), to start from")
+    allow_partial_pretrained: bool = option(False, "accept a --pretrained file that leaves most of the backbone's "
+                                                   "tensors unloaded (refused by default)")
     attention_backend: str = option("auto", "fused attention backend (triton/xformers: CUDA only)",
                                     choices=("auto", "sdpa", "triton", "xformers"))
 
@@ -186,8 +191,16 @@ class RunConfig:
     log_every: int = option(1, "log metrics every N steps")
     val_every: int = option(1, "validate every N epochs (and after the last)")
     device: Optional[str] = option(None, "cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    resume_override: bool = option(False, "resume even though the checkpoint's recorded config differs from this "
+                                          "command's (the differences are printed and recorded)")
+    threads: Optional[int] = option(None, "torch CPU threads (default: OMP_NUM_THREADS if set, else the cores "
+                                          "available to this process / local processes; recorded in the manifest). "
+                                          "Losses reproduce to the digit only at the same thread count",
+                                    parse=parse_optional_int)
 
     def validate(self) -> None:
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"--threads must be > 0, got {self.threads}")
         for name in ("save_every_steps",):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -270,6 +283,34 @@ class CamConfig:
             raise ValueError(f"--cam-scales must be a non-empty list of positive floats, got {list(self.cam_scales)}")
         if self.cam_overlays < 0:
             raise ValueError(f"--cam-overlays must be >= 0, got {self.cam_overlays}")
+
+
+#: fields a resume may change without --resume-override: where and how long the run goes on, logging, the
+#: machine (device, threads, workers, compile), where the dataset lies (a moved copy) and the after-training CAM
+#: options; the trainer logs their changes. Everything else (model, data,
+#: seed, optimisation, loss) must match the checkpoint's recorded config.
+RESUME_FREE_FIELDS = frozenset({
+    "resume", "resume_override", "run_dir", "run_name", "max_steps", "save_every_steps", "log_every", "device",
+    "threads", "num_workers", "compile", "compile_pseudo", "compile_backend", "debug_recompiles", "skip_bad_images",
+    "full_image_check", "make_cams", "cam_split", "cam_scales", "cam_flip", "cam_overlays", "pretrained",
+    "allow_partial_pretrained", "data_root"})
+
+
+def config_differences(stored: Mapping[str, Any], current: "SectionedConfig",
+                       ignore: frozenset = RESUME_FREE_FIELDS) -> list:
+    """['--seed: checkpoint 3, now 4', ...]: the fields (outside ``ignore``) whose value in ``stored`` (a nested or
+    flat config dict, e.g. a checkpoint's) differs from ``current``. A stored key this version does not know is a
+    difference too."""
+    try:
+        old = type(current).from_dict(stored, validate=False).flat()
+    except (ValueError, TypeError) as exc:
+        return [f"the checkpoint's config does not fit this version ({exc})"]
+    new = current.flat()
+    out = []
+    for key, value in new.items():
+        if key not in ignore and old.get(key) != value:
+            out.append(f"--{key.replace('_', '-')}: checkpoint {old.get(key)!r}, now {value!r}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the tree

@@ -9,9 +9,13 @@
    RNG states are restored; the data order of every epoch is a function of (seed, epoch) only, so the resumed
    run sees exactly the batches and random draws the uninterrupted run would have;
 4. DDP wrapping (torchrun) and ``--compile`` of the training model; the task prepares its step;
-5. epochs: steps, logging, optional step checkpoints; at each epoch end the task's validation (rank 0),
-   ``checkpoint.pth`` and, when the selection metric improves, ``checkpoint_best.pth``. SIGINT/SIGTERM or
-   ``--max-steps`` stop after the current step with a checkpoint;
+5. epochs: steps, logging, optional step checkpoints; at each epoch end ``checkpoint.pth`` (before the
+   validation: a crash there loses no training), the task's validation (rank 0), ``checkpoint.pth`` again and,
+   when the selection metric improves, ``checkpoint_best.pth``. SIGINT/SIGTERM or ``--max-steps`` stop after the
+   current step with a checkpoint. The replaced ``checkpoint.pth`` is kept as ``checkpoint_prev.pth``; a resume
+   falls back to it when the newest does not load, refuses a checkpoint whose config differs (unless
+   ``--resume-override``) and rewinds ``metrics.jsonl`` / ``.csv`` to the rows the checkpoint had logged, so
+   every step is logged exactly once;
 6. after a finished run, the task's ``finish`` (stage one: CAM seeds and their mIoU) and ``summary.json``.
 """
 from __future__ import annotations
@@ -21,14 +25,15 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from aream_fast.engine import checkpoint as ckpt_io
-from aream_fast.engine.config import TrainConfig
+from aream_fast.engine.config import TrainConfig, config_differences
+from aream_fast.engine.errors import UserError
 from aream_fast.engine.distributed import DistInfo, any_rank, barrier, broadcast_object, cleanup, init_distributed
 from aream_fast.engine.interrupt import GracefulStop
 from aream_fast.engine.precision import Precision, choose_precision, precision_from_name
@@ -98,8 +103,8 @@ class Trainer:
         seed_everything(run.seed)  # same model init on every rank
         self.task.setup_data(self.ctx)  # bad roots / corrupt images fail before a run dir is made
 
-        # run dir (rank 0 decides, everyone agrees) and resume checkpoint
-        resume_path = self._resolve_resume()
+        # run dir (rank 0 decides, everyone agrees) and resume checkpoint (loaded, its config compared)
+        resume_path, resume_ckpt, self.resume_notes = self._resolve_resume()
         if run.resume == "auto" and resume_path is None and self.dist.is_main:
             print("--resume auto: no checkpoint found, starting from scratch", flush=True)
         run_dir = run.run_dir
@@ -109,6 +114,8 @@ class Trainer:
         self.ctx.run_dir = self.run_dir
         self.log = RunLogger(self.run_dir, enabled=self.dist.is_main)
         self.log.info(f"run dir {self.run_dir} | world size {self.dist.world_size} | device {self.device}")
+        for note in self.resume_notes:
+            self.log.info(note)
         self._choose_cpu_threads()
         bad = getattr(self.task, "bad_images", [])
         if bad:
@@ -135,9 +142,7 @@ class Trainer:
             self.device, cfg.precision.amp, width=int(getattr(self.model, "embed_dim", 192)),
             cpu_mode=cfg.precision.cpu_amp, probe=self.task.precision_probe())
         self.precision = broadcast_object(self.precision, self.dist)  # rank 0's measurement decides for all
-        resume_ckpt = None
-        if resume_path is not None:  # keep the interrupted run's precision, so the resumed losses match
-            resume_ckpt = ckpt_io.load_checkpoint(resume_path, map_location=self.device)
+        if resume_ckpt is not None:  # keep the interrupted run's precision, so the resumed losses match
             stored = resume_ckpt.get("precision")
             if stored is not None and stored != self.precision.name:
                 self.precision = precision_from_name(stored, self.device,
@@ -150,6 +155,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.global_step = 0
         self.best_map: Optional[float] = None
+        self.validation_pending = False  # the checkpoint was written before its epoch's validation
         if resume_ckpt is not None:
             self._resume(resume_path, resume_ckpt)
             del resume_ckpt
@@ -160,7 +166,8 @@ class Trainer:
         self.graphs_after_warmup: Optional[int] = None
         if self.dist.is_main:
             extra = {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                     "resumed_from": resume_path, "task": type(self.task).__name__,
+                     "resumed_from": resume_path, "resume_notes": self.resume_notes,
+                     "threads_reason": self.threads_reason, "task": type(self.task).__name__,
                      "num_parameters": sum(p.numel() for p in self.model.parameters())}
             extra.update(self.task.manifest_extra())
             write_manifest(self.run_dir, cfg.to_dict(), device=self.device, world_size=self.dist.world_size,
@@ -174,31 +181,77 @@ class Trainer:
         name = self.cfg.run.run_name or self.task.run_name()
         return os.path.join(RUNS_ROOT, name, time.strftime("%Y%m%d-%H%M%S"))
 
-    def _resolve_resume(self) -> Optional[str]:
+    def _resolve_resume(self) -> Tuple[Optional[str], Optional[Dict[str, Any]], List[str]]:
+        """(path, loaded checkpoint, notes for the log) of ``--resume``, or (None, None, []).
+
+        A path: that file. ``auto``: the run folder's ``checkpoint.pth``, falling back to ``checkpoint_prev.pth``
+        when the newest does not load (each skipped file is noted with the reason); without ``--run-dir``, the
+        newest unfinished run of the run name whose recorded config matches. A config that differs (outside
+        :data:`~aream_fast.engine.config.RESUME_FREE_FIELDS`) is refused with the differences unless
+        ``--resume-override``."""
         run = self.cfg.run
         if run.resume is None:
-            return None
+            return None, None, []
         if run.resume != "auto":
-            return run.resume
-        return ckpt_io.find_resume_checkpoint(run.run_dir, RUNS_ROOT, run.run_name or self.task.run_name())
+            path, ckpt = run.resume, ckpt_io.load_checkpoint(run.resume, map_location=self.device)
+            return path, ckpt, self._check_resume_config(path, ckpt)
+        if run.run_dir is not None:
+            dirs = [run.run_dir] if ckpt_io.resume_candidates(run.run_dir) else []
+        else:
+            dirs = ckpt_io.find_run_dirs(RUNS_ROOT, run.run_name or self.task.run_name())
+        notes: List[str] = []
+        refusals: List[str] = []
+        for run_dir in dirs:
+            path, ckpt, skipped = ckpt_io.load_first_good(ckpt_io.resume_candidates(run_dir), self.device)
+            notes += [f"WARNING: skipped checkpoint {p} (does not load: {why})" for p, why in skipped]
+            if path is None:
+                refusals.append(f"{run_dir}: no checkpoint loads")
+                continue
+            if notes:
+                notes.append(f"resuming from {path} instead")
+            try:
+                return path, ckpt, notes + self._check_resume_config(path, ckpt)
+            except UserError:
+                diffs = config_differences(ckpt.get("config") or {}, self.cfg)
+                refusals.append(f"{path}: config differs ({'; '.join(diffs)})")
+        if refusals:
+            raise UserError("--resume auto: no run to resume matches this command: " + " | ".join(refusals)
+                            + " (start a new run with another --run-name / --run-dir, or pass --resume-override "
+                              "to resume with the changed flags)")
+        return None, None, notes
+
+    def _check_resume_config(self, path: str, ckpt: Dict[str, Any]) -> List[str]:
+        """Refuse (UserError) a checkpoint whose config differs outside the resume-free fields, unless
+        ``--resume-override``; returns the log notes (overridden and allowed changes)."""
+        stored = ckpt.get("config") or {}
+        diffs = config_differences(stored, self.cfg)
+        if diffs and not self.cfg.run.resume_override:
+            raise UserError(f"--resume {path}: the checkpoint was trained with another config: {'; '.join(diffs)} "
+                            f"(pass --resume-override to resume with the changed flags)")
+        allowed = [d for d in config_differences(stored, self.cfg, ignore=frozenset()) if d not in diffs
+                   and not d.startswith(("--resume", "--run-dir", "--max-steps"))]
+        notes = [f"WARNING: --resume-override: resuming {path} with a changed config: {'; '.join(diffs)}"] \
+            if diffs else []
+        return notes + ([f"resuming {path} with changed run options: {'; '.join(allowed)}"] if allowed else [])
 
     def _choose_cpu_threads(self) -> None:
-        """On a CPU that other processes already keep busy (1-min load average >= cores), torch's default of
-        one OpenMP thread per core oversubscribes it. So without an explicit OMP_NUM_THREADS, a busy machine
-        gets 1 thread (logged)."""
-        if self.device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
-            self.log.info(f"torch CPU threads: {torch.get_num_threads()}")
-            return
-        cores = os.cpu_count() or 1
-        load = os.getloadavg()[0]
-        self._threads_before = torch.get_num_threads()  # restored by close() (in-process callers, tests)
-        if self.dist.world_size > 1 or (cores > 1 and load >= cores):
-            torch.set_num_threads(1)
-            why = (f"{self.dist.world_size} processes" if self.dist.world_size > 1
-                   else f"load average {load:.1f} >= {cores} cores")
-            self.log.info(f"torch CPU threads: 1 ({why}; set OMP_NUM_THREADS to override)")
+        """torch's CPU thread count, an explicit recorded choice (never the machine's load): ``--threads``, else
+        ``OMP_NUM_THREADS``, else the cores this process may use (``sched_getaffinity``) divided by the local
+        processes. Recorded in the manifest (``torch_threads``, ``threads_reason``); restored by close()."""
+        run = self.cfg.run
+        self._threads_before = torch.get_num_threads()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size) or 1)
+        if run.threads is not None:
+            threads, why = run.threads, "--threads"
+        elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+            threads, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
         else:
-            self.log.info(f"torch CPU threads: {torch.get_num_threads()} (load average {load:.1f}, {cores} cores)")
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            threads = max(1, cores // max(1, local))
+            why = f"{cores} cores available" + (f" / {local} local processes" if local > 1 else "")
+        torch.set_num_threads(threads)
+        self.threads_reason = why
+        self.log.info(f"torch CPU threads: {threads} ({why}; --threads N to choose)")
 
     def _wrap_and_compile(self) -> None:
         train_model: Any = self.model
@@ -229,14 +282,24 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "world_size": self.dist.world_size,
             "precision": self.precision.name,
+            "metrics_rows": self.log.rows_written if self.log is not None else None,
+            "validation_pending": self.validation_pending,
         }
         state.update(self.task.checkpoint_extra())
         return state
 
-    def save(self, name: str = ckpt_io.CHECKPOINT_NAME, state: Optional[Dict[str, Any]] = None) -> None:
-        """Rank 0 writes ``run_dir/name`` atomically. (Every rank's RNG differs; rank 0's is stored.)"""
+    def save(self, name: str = ckpt_io.CHECKPOINT_NAME, state: Optional[Dict[str, Any]] = None, *,
+             rotate: bool = True) -> None:
+        """Rank 0 writes ``run_dir/name`` atomically (``checkpoint.pth``: the one it replaces kept as
+        ``checkpoint_prev.pth`` unless ``rotate`` is False, for a rewrite of the same position). Every rank's RNG
+        differs; rank 0's is stored."""
         if self.dist.is_main:
-            ckpt_io.atomic_save(state if state is not None else self._state(), os.path.join(self.run_dir, name))
+            state = state if state is not None else self._state()
+            path = os.path.join(self.run_dir, name)
+            if name == ckpt_io.CHECKPOINT_NAME and rotate:  # keep the previous one as checkpoint_prev.pth
+                ckpt_io.rotate_save(state, path, os.path.join(self.run_dir, ckpt_io.PREVIOUS_NAME))
+            else:
+                ckpt_io.atomic_save(state, path)
         barrier(self.dist)
 
     def _resume(self, path: str, ckpt: Dict[str, Any]) -> None:
@@ -250,6 +313,10 @@ class Trainer:
         self.batch_in_epoch = int(ckpt["batch_in_epoch"])
         self.global_step = int(ckpt["global_step"])
         self.best_map = ckpt.get("best_map")
+        self.validation_pending = bool(ckpt.get("validation_pending", False))
+        dropped = self.log.rewind(ckpt.get("metrics_rows"), after_step=self.global_step)
+        if dropped:
+            self.log.info(f"metrics: dropped {dropped} row(s) logged after the checkpoint (their steps run again)")
         if ckpt.get("world_size", 1) == self.dist.world_size:
             ckpt_io.restore_rng_state(ckpt["rng"])
             if self.dist.rank != 0:  # rank 0's stream was stored; others derive theirs deterministically
@@ -301,6 +368,14 @@ class Trainer:
         stop = GracefulStop()
         from tqdm import tqdm
 
+        if self.validation_pending:  # resumed from a checkpoint written before its epoch's validation
+            self._validate_and_save(self.epoch - 1, None)
+        if run.max_steps is not None and self.global_step >= run.max_steps and self.epoch < epochs:
+            self.log.info(f"--max-steps {run.max_steps} already reached (global step {self.global_step}): "
+                          f"no step trained")
+            return RunResult(run_dir=self.run_dir, status="max_steps", exit_code=0, global_step=self.global_step,
+                             epoch=self.epoch, best_map=self.best_map, losses=losses,
+                             compile_stats=self._compile_stats())
         with stop:
             while self.epoch < epochs:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
@@ -320,12 +395,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", **self.task.progress_postfix(record))
                     bar.update(1)
                     last_in_epoch = self.batch_in_epoch == self.steps_per_epoch
-                    if run.save_every_steps and self.global_step % run.save_every_steps == 0 and not last_in_epoch:
-                        self.save()
                     if run.max_steps is not None and self.global_step >= run.max_steps:
                         status = "max_steps"
                     if any_rank(stop.requested, self.dist):
                         status = "interrupted"
+                    if (run.save_every_steps and self.global_step % run.save_every_steps == 0 and not last_in_epoch
+                            and status == "finished"):  # a stop saves below
+                        self.save()
                     if status != "finished" and not last_in_epoch:
                         break
                 bar.close()
@@ -345,27 +421,36 @@ class Trainer:
                          compile_stats=self._compile_stats())
 
     def _end_of_epoch(self, epoch_s: float) -> None:
+        """``checkpoint.pth`` first (marked ``validation_pending`` when this epoch validates: a crash in the
+        validation loses no training, and the resumed run validates first), then the validation, then the
+        checkpoint again with the best metric (and ``checkpoint_best.pth`` when it improved)."""
         run, epochs = self.cfg.run, self.cfg.optim.epochs
         epoch = self.epoch
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.validation_pending = (epoch + 1) % run.val_every == 0 or epoch + 1 == epochs
+        self.save()
+        if self.validation_pending:
+            self._validate_and_save(epoch, epoch_s)
+
+    def _validate_and_save(self, epoch: int, epoch_s: Optional[float]) -> None:
         key = self.task.selection_metric
-        metrics = None
-        if (epoch + 1) % run.val_every == 0 or epoch + 1 == epochs:
-            metrics = self.validate()
+        metrics = self.validate()
         improved = False
         if self.dist.is_main and metrics is not None:
             improved = self.best_map is None or metrics[key] > self.best_map
             if improved:
                 self.best_map = metrics[key]
-            self.log.log_metrics({"epoch": epoch, "step": self.global_step, f"val_{key}": metrics[key],
-                                  f"best_val_{key}": self.best_map, "epoch_s": epoch_s}, step=self.global_step)
-            self.log.info(f"epoch {epoch}: val {key} {metrics[key]:.4f} (best {self.best_map:.4f}), "
-                          f"{epoch_s:.1f} s")
+            row = {"epoch": epoch, "step": self.global_step, f"val_{key}": metrics[key],
+                   f"best_val_{key}": self.best_map}
+            self.log.log_metrics(row if epoch_s is None else dict(row, epoch_s=epoch_s), step=self.global_step)
+            self.log.info(f"epoch {epoch}: val {key} {metrics[key]:.4f} (best {self.best_map:.4f})"
+                          + ("" if epoch_s is None else f", {epoch_s:.1f} s"))
         improved = broadcast_object(improved, self.dist)
         self.best_map = broadcast_object(self.best_map, self.dist)
-        self.epoch += 1
-        self.batch_in_epoch = 0
+        self.validation_pending = False
         state = self._state() if self.dist.is_main else None
-        self.save(state=state)
+        self.save(state=state, rotate=False)  # same position as the checkpoint written before the validation
         if improved:
             self.save(ckpt_io.BEST_NAME, state=state)
 
