@@ -124,6 +124,13 @@ def load_model(path: str, device: torch.device, num_heads: Optional[int] = None)
         raise ValueError(f"{path!r}: expected a state dict or a dict with a 'model' state dict")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     sd = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in sd.items()}
+    if "cnn_head.weight" in sd:  # Conformer-S: built from its train.py config, which the code below reads flat
+        from aream_fast.engine.build import load_model_from_checkpoint
+
+        if not config:
+            raise ValueError(f"{path!r}: a Conformer state dict needs the train.py checkpoint (its 'config')")
+        model, cfg = load_model_from_checkpoint(path, device)
+        return model, cfg.flat()
     name, num_classes, img_size, overrides = _infer_architecture(sd, config, num_heads)
     model = build_model(name, num_classes=num_classes, img_size=img_size, drop_path=0.0, **overrides)
     model.load_state_dict(sd, strict=True)

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split to process (default: the run's --cam-split)")
     p.add_argument("--data-root", default=None, help="dataset root (default: the run's)")
     p.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/cams_<split>")
-    p.add_argument("--scales", default="1.0", help="comma-separated inference scales (official: 1.0)")
+    p.add_argument("--scales", default=None, help="comma-separated inference scales (default: official 1.0; "
+                                                  "0.5,1,1.5 for a Conformer checkpoint, spec §5.2)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="skip the flipped view")
     p.add_argument("--overlays", type=int, default=0, help="also write PNG overlays for the first N images")
     p.add_argument("--eval", action="store_true", help="score the CAMs (needs masks): threshold sweep mIoU")
@@ -42,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        scales = tuple(float(s) for s in args.scales.replace(",", " ").split())
+        scales = None if args.scales is None else tuple(float(s) for s in args.scales.replace(",", " ").split())
     except ValueError:
         raise SystemExit(f"--scales must be comma-separated floats, got {args.scales!r}")
-    if not scales or any(s <= 0 for s in scales):
+    if scales is not None and (not scales or any(s <= 0 for s in scales)):
         raise SystemExit(f"--scales must be positive, got {args.scales!r}")
 
     from aream_fast.engine.build import (build_cam_eval_split, build_split, load_model_from_checkpoint,
@@ -56,6 +57,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = init_distributed(args.device)
     try:
         model, cfg = load_model_from_checkpoint(args.checkpoint, info.device)
+        if scales is None:  # Conformer: infer_conformer.py scales; write_cams pads before flipping for it
+            from aream_fast.pseudo_labels.conformer import CONFORMER_INFERENCE_SCALES
+
+            scales = CONFORMER_INFERENCE_SCALES if cfg.model.model == "conformer_small" else (1.0,)
         data = cfg.data
         if args.data_root is not None:
             data.data_root = args.data_root

@@ -31,7 +31,8 @@ class SegmentationDataset(Dataset):
     "mask": (H, W) int64 (when masks are used; 0 bg, k+1 class k, 255 ignore), "name": str,
     "size": (2,) int64 native (H, W)}.
 
-    transform(image uint8 (H, W, 3), mask uint8 (H, W) | None) -> (image tensor, mask tensor | None).
+    transform(image uint8 (H, W, 3), mask uint8 (H, W) | None) -> (image tensor, mask tensor | None), or a third
+        element, a dict of extra item entries (``ConformerTrainTransform``'s ``{"img_box": (4,) int64}``).
     skip_bad_images: scan every image once at construction and drop undecodable ones with a warning
         (they are listed in ``self.bad_images``); otherwise a corrupt image raises CorruptImageError naming it
         when it is loaded.
@@ -114,10 +115,12 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         raw = self.load_raw(index)
-        image, mask = self.transform(raw["image"], raw["mask"])
+        image, mask, *extra = self.transform(raw["image"], raw["mask"])  # extra: ({"img_box": ...},) or ()
         h, w = raw["image"].shape[:2]
         item = {"image": image, "label": torch.from_numpy(np.array(raw["label"], dtype=np.float32)),
                 "name": raw["name"], "size": torch.tensor([h, w], dtype=torch.int64)}
+        for entries in extra:
+            item.update(entries)
         if mask is not None:
             item["mask"] = mask
         return item

@@ -64,11 +64,14 @@ class AReAMStep:
         # one request for the whole run (warm-up included) so the compiled training graph never changes
         self.request = None if labeler is None else labeler.training_request(from_forward=pseudo_from_forward)
 
-    def __call__(self, images: Tensor, labels: Tensor, aream_active: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def __call__(self, images: Tensor, labels: Tensor, aream_active: bool,
+                 img_box: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """img_box: None, or (B, 4) int crop boxes of the images (Conformer data; patches outside ignored)."""
         use_aream = self.labeler is not None and aream_active
         patch_labels = None
         if use_aream and not self.pseudo_from_forward:
-            patch_labels = self.labeler.from_model(self.pseudo_model, images, labels, autocast=self.autocast)
+            patch_labels = self.labeler.from_model(self.pseudo_model, images, labels, autocast=self.autocast,
+                                                   img_box=img_box)
         grads = None
         if self.defer_loss_grad and use_aream:
             from aream_fast.losses.deferred import DeferredGrads
@@ -81,7 +84,7 @@ class AReAMStep:
         if not use_aream:
             return loss_cls, terms
         if self.pseudo_from_forward:
-            patch_labels = self.labeler.from_output(out, images, labels)
+            patch_labels = self.labeler.from_output(out, images, labels, img_box=img_box)
         rec = out.records
         split = self.labeler.split
         if grads is not None:
@@ -208,7 +211,7 @@ class AReAMTask(Task):
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         active = self.cfg.aream.aream and epoch >= self.cfg.aream.cls_epochs
-        loss, terms = self.step_fn(images, labels, active)
+        loss, terms = self.step_fn(images, labels, active, batch.get("img_box"))
         terms["aream_active"] = torch.tensor(int(active))
         return loss, terms
 

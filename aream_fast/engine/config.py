@@ -111,6 +111,10 @@ class ModelConfig:
                                   parse=parse_optional_int)
     num_heads: Optional[int] = option(3, "override the number of heads ('none' = the named model's)",
                                       parse=parse_optional_int)
+    base_channel: Optional[int] = option(None, "conformer_small only: override the CNN branch's stem width (64)",
+                                         parse=parse_optional_int)
+    channel_ratio: Optional[int] = option(None, "conformer_small only: override the CNN width multiplier (4)",
+                                          parse=parse_optional_int)
     drop_path: float = option(0.1, "stochastic depth rate, in [0, 1)")
     pretrained: Optional[str] = option(None, "local timm/DeiT/Conformer state dict (.pth), or a checkpoint.pth of "
                                              "this project (its model weights), to start from")
@@ -121,7 +125,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         _finite("--drop-path", self.drop_path, low=0.0, high=1.0, allow_high=False)
-        for name in ("embed_dim", "depth", "num_heads"):
+        for name in ("embed_dim", "depth", "num_heads", "base_channel", "channel_ratio"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -131,7 +135,8 @@ class ModelConfig:
 
     def overrides(self) -> Dict[str, int]:
         """The size overrides that are set, as ``build_model`` keyword arguments."""
-        return {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads") if getattr(self, k) is not None}
+        names = ("embed_dim", "depth", "num_heads", "base_channel", "channel_ratio")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
 @dataclass
@@ -434,6 +439,17 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "layer_index": 7, "aream_weight": 0.1, "bg_low": 0.35, "bg_high": 0.55, "seed": 42,
         "train_split": "train_aug", "val_split": "val", "cam_split": "train_aug",
     },
+    # the official Conformer-S path (TransCAM-style; spec §1.2, §3.1, §5.2, §7); the same values as
+    # aream_fast.pseudo_labels.conformer.CONFORMER_TRAINING (tests/engine/test_conformer_task.py checks it).
+    # Trained by aream_fast.engine.conformer_task.ConformerTask (head lr x10, img_box crops).
+    "official-conformer": {
+        "model": "conformer_small", "dataset": "voc", "image_size": 384, "embed_dim": None, "depth": None,
+        "num_heads": None, "batch_size": 8, "epochs": 12, "cls_epochs": 2, "lr": 5e-5, "min_lr": 1e-6,
+        "warmup_lr": 1e-6, "warmup_epochs": 1, "weight_decay": 0.01, "drop_path": 0.1, "layer_index": 9,
+        "aream_weight": 0.1, "bg_low": 0.35, "bg_high": 0.55, "pseudo_scales": (0.5, 1.0, 1.5),
+        "cam_scales": (0.5, 1.0, 1.5), "seed": 42, "train_split": "train_aug", "val_split": "val",
+        "cam_split": "train_aug",
+    },
 }
 OFFICIAL_PRESET = PRESETS["official"]
 
@@ -517,7 +533,8 @@ _TRAIN_DESCRIPTION = (
     "synthetic dataset in a few minutes on a 2-core CPU. Official VOC recipe: --preset official --data-root "
     "VOCdevkit/VOC2012 --pretrained deit_small.pth (mct_deit_small, 224 px, batch 64, 60 epochs, lr 6.25e-5, "
     "wd 0.05, warm-up 5 epochs from 1e-6, cosine to 1e-5, cls-epochs 10, layer-index 7, bg 0.35/0.55, "
-    "aream-weight 0.1, seed 42). Multi-process: torchrun --nproc_per_node N scripts/train.py ...")
+    "aream-weight 0.1, seed 42). Conformer-S recipe: --preset official-conformer --data-root VOCdevkit/VOC2012 "
+    "--pretrained conformer_sm.pth. Multi-process: torchrun --nproc_per_node N scripts/train.py ...")
 
 
 def config_from_args(argv: Optional[Sequence[str]] = None, config_cls: Type[SectionedConfig] = None, *,

@@ -7,7 +7,8 @@ the single-token ViT/DeiT models exempt ``cls_token`` as timm does.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import contextlib
+from typing import Dict, Iterator, List
 
 import torch
 from torch import nn
@@ -39,6 +40,20 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torc
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+@contextlib.contextmanager
+def preserve_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer of ``model`` (BatchNorm running mean / var / num_batches_tracked) on exit, so a
+    train-mode probe forward leaves the model's statistics as they were (the Conformer's BN layers)."""
+    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name in saved:
+                    buf.copy_(saved[name])
+
+
 def freeze_unused_parameters(model: nn.Module, image_size: int, device: torch.device) -> List[str]:
     """Set ``requires_grad=False`` on parameters no training loss can reach, and return their names.
 
@@ -46,9 +61,9 @@ def freeze_unused_parameters(model: nn.Module, image_size: int, device: torch.de
     ``fork_rng``, so the training RNG stream is untouched). Example: MCTformer loads but never applies the
     final LayerNorm (spec §1.1); DDP would otherwise fail on parameters that never get a gradient. AdamW skips
     parameters without a gradient anyway, so freezing them changes no value; it keeps the optimizer state the
-    same with and without DDP (resume across world sizes).
+    same with and without DDP (resume across world sizes). Buffers (BN running statistics) are restored.
     """
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), preserve_buffers(model):
         x = torch.randn(1, 3, image_size, image_size, device=device)
         was_training = model.training
         model.train()

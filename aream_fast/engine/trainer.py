@@ -77,10 +77,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, task: Optional[Task] = None):
         self.cfg = cfg.validate()
-        if task is None:
+        if task is None:  # stage one; the Conformer-S has its own data, optimiser and crop-box labels
             from aream_fast.engine.aream_task import AReAMTask
+            from aream_fast.engine.conformer_task import ConformerTask
 
-            task = AReAMTask(self.cfg)
+            task = (ConformerTask if self.cfg.model.model == "conformer_small" else AReAMTask)(self.cfg)
         self.task = task
         self.log = None
         self.dist: DistInfo = init_distributed(cfg.run.device)

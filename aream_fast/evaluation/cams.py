@@ -36,8 +36,11 @@ def _overlay(image: torch.Tensor, cam: np.ndarray, path: str) -> None:
 @torch.no_grad()
 def write_cams(model: nn.Module, dataset, out_dir: str, *, scales: Sequence[float] = (1.0,), flip: bool = True,
                device: Optional[torch.device] = None, overlays: int = 0, rank: int = 0, world_size: int = 1,
-               progress: bool = True) -> int:
+               progress: bool = True, flip_after_pad: Optional[bool] = None) -> int:
     """Write ``<out_dir>/<name>.npy`` for items ``rank::world_size`` of ``dataset``; returns the count written.
+
+    flip_after_pad: ``inference_cam``'s option; None = True for a Conformer (infer_conformer.py, spec §5.2:
+    ``conformer_inference_cam``), False otherwise.
 
     dataset items: {"image": (3, H, W) normalised, "label": (K,), "name": str} (native size, any H, W).
     overlays: also write PNG overlays for the first ``overlays`` items of this shard.
@@ -49,6 +52,10 @@ def write_cams(model: nn.Module, dataset, out_dir: str, *, scales: Sequence[floa
 
     if device is None:
         device = next(model.parameters()).device
+    if flip_after_pad is None:
+        from aream_fast.models.conformer import Conformer
+
+        flip_after_pad = isinstance(model, Conformer)
     os.makedirs(out_dir, exist_ok=True)
     model.eval()
     written = 0
@@ -58,7 +65,7 @@ def write_cams(model: nn.Module, dataset, out_dir: str, *, scales: Sequence[floa
         item = dataset[index]
         image = item["image"].to(device)
         label = torch.as_tensor(item["label"]).to(device)
-        keys, cam = inference_cam(model, image, label, scales=tuple(scales), flip=flip)
+        keys, cam = inference_cam(model, image, label, scales=tuple(scales), flip=flip, flip_after_pad=flip_after_pad)
         if keys.size == 0:
             continue  # official: images without labels get no file
         name = item["name"]

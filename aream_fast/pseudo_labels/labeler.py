@@ -57,27 +57,30 @@ class PseudoLabeler:
 
     @torch.no_grad()
     def from_model(self, model: Callable, images: Tensor, labels: Tensor, *,
-                   autocast: Optional[Callable] = None) -> Tensor:
+                   autocast: Optional[Callable] = None, img_box=None) -> Tensor:
         """Official labels: a separate no-grad forward of ``model`` on [x; flip(x)] at each scale, the shallow
-        layers' refinement, PAR, both background scores, patch sampling. -> (B, P) int64."""
+        layers' refinement, PAR, both background scores, patch sampling. img_box: None, or (B, 4) int
+        (i1, i2, j1, j2) crop boxes (Conformer data): patches outside them are ignored. -> (B, P) int64."""
         ctx = autocast() if autocast is not None else contextlib.nullcontext()
         with ctx:
             cams = pseudo_label_cams(model, images, labels, refine_layers=self.split.refine_layers,
                                      refine_weights=self.split.refine_weights,
                                      class_attention_layers=self.split.all_layers, scales=self.scales,
                                      flip=self.flip, present_only=True)
-        return self._patch_labels(images, cams, labels)
+        return self._patch_labels(images, cams, labels, img_box)
 
     @torch.no_grad()
-    def from_output(self, out: ViTOutput, images: Tensor, labels: Tensor) -> Tensor:
+    def from_output(self, out: ViTOutput, images: Tensor, labels: Tensor, *, img_box=None) -> Tensor:
         """Labels from a forward that already ran with ``training_request(from_forward=True)`` (no extra
-        forward, no flip). -> (B, P) int64."""
+        forward, no flip); img_box as in :meth:`from_model`. -> (B, P) int64."""
         cams = cams_from_output(out, labels, tuple(images.shape[-2:]), refine_layers=self.split.refine_layers,
                                 refine_weights=self.split.refine_weights, present_only=True)
-        return self._patch_labels(images, cams, labels)
+        return self._patch_labels(images, cams, labels, img_box)
 
-    def _patch_labels(self, images: Tensor, cams, labels: Tensor) -> Tensor:
+    def _patch_labels(self, images: Tensor, cams, labels: Tensor, img_box=None) -> Tensor:
+        from aream_fast.pseudo_labels.conformer import apply_crop_box
+
         _, patch_labels = cams_to_patch_labels(images, cams, labels, par=self.par, patch_size=self.patch_size,
                                                bg_low=self.bg_low, bg_high=self.bg_high,
                                                ignore_index=IGNORE_INDEX, sample_only=True)
-        return patch_labels
+        return apply_crop_box(patch_labels, img_box, tuple(images.shape[-2:]), self.patch_size, IGNORE_INDEX)
