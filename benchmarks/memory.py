@@ -150,3 +150,11 @@ def peak_memory_spawn(builder, kwargs: Dict[str, object], *, repeats: int = 1,
             proc.kill()
             proc.join()
     return res
+
+
+def cached_peak(cache: Dict, key, builder, kwargs: Dict[str, object], **spawn_kwargs) -> Dict[str, object]:
+    """:func:`peak_memory_spawn` of ``builder(**kwargs)`` once per ``key`` of ``cache`` (a dict the benchmark
+    module keeps), so a case's peak is measured once however many benchmarks report it."""
+    if key not in cache:
+        cache[key] = peak_memory_spawn(builder, kwargs, **spawn_kwargs)
+    return cache[key]

@@ -4,7 +4,7 @@
 A measurement, not a trainer: a small ViT (192-d, 6 blocks, from scratch) + each head is trained for a fixed
 number of AdamW steps on the synthetic train split with its ground-truth masks (joint scale/crop/flip of
 ``aream_fast.stage2.seg_data.SegTrainTransform``), then scored single-scale on the synthetic val split
-(mIoU over 7 classes, ``aream_fast.metrics``). Same seed and data order for both heads.
+(mIoU over 7 classes, ``aream_fast.evaluation.metrics``). Same seed and data order for both heads.
 
     .venv/bin/python benchmarks/seg_head_compare.py --steps 400 --seeds 0 1
 """
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from aream_fast.data import ensure_synthetic, resolve_split
 from aream_fast.data.dataset import SegmentationDataset
 from aream_fast.data.transforms import EvalTransform
-from aream_fast.metrics import confusion_matrix, iou_from_confusion
+from aream_fast.evaluation.metrics import confusion_matrix, iou_from_confusion
 from aream_fast.stage2.seg_data import SegTrainTransform
 from aream_fast.stage2.seg_models import build_seg_model
 

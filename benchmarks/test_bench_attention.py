@@ -77,10 +77,8 @@ def _sync():
 
 
 def _peak(provider: str, device: str):
-    if provider not in _peaks:
-        _peaks[provider] = memory.peak_memory_spawn(
-            build_export_case, dict(provider=provider, size=SIZE, batch=BATCH, device=device))
-    return _peaks[provider]
+    return memory.cached_peak(_peaks, provider, build_export_case,
+                              dict(provider=provider, size=SIZE, batch=BATCH, device=device))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

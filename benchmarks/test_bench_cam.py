@@ -54,10 +54,8 @@ def build_cam_case(provider: str, size: int, device: str):
 
 
 def _peak(provider: str, size: int, device: str):
-    key = (provider, size)
-    if key not in _peaks:
-        _peaks[key] = memory.peak_memory_spawn(build_cam_case, dict(provider=provider, size=size, device=device))
-    return _peaks[key]
+    return memory.cached_peak(_peaks, (provider, size), build_cam_case,
+                              dict(provider=provider, size=size, device=device))
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -88,10 +88,8 @@ def build_conformer_case(mode: str, size: int, batch: int, device: str):
 
 
 def _peak(mode: str, device: str):
-    if mode not in _peaks:
-        _peaks[mode] = memory.peak_memory_spawn(build_conformer_case,
-                                                 dict(mode=mode, size=SIZE, batch=BATCH, device=device), repeats=2)
-    return _peaks[mode]
+    return memory.cached_peak(_peaks, mode, build_conformer_case,
+                              dict(mode=mode, size=SIZE, batch=BATCH, device=device), repeats=2)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-import _memory
+from benchmarks import memory as _memory
 
 _CUDA = torch.cuda.is_available()
 SIZE = int(os.environ.get("AREAM_BENCH_SEG_SIZE", 448))
@@ -75,11 +75,8 @@ def build_seg_case(mode: str, model_name: str, device: str):
 
 
 def _peak(mode: str, model_name: str, device: str):
-    key = (mode, model_name)
-    if key not in _peaks:
-        _peaks[key] = _memory.peak_memory_spawn(build_seg_case, dict(mode=mode, model_name=model_name,
-                                                                     device=device), timeout=1800)
-    return _peaks[key]
+    return _memory.cached_peak(_peaks, (mode, model_name), build_seg_case,
+                               dict(mode=mode, model_name=model_name, device=device), timeout=1800)
 
 
 @pytest.mark.parametrize("mode", ("train", "msflip"))

@@ -115,9 +115,12 @@ def load_model(path: str, device: torch.device, num_heads: Optional[int] = None)
                          f"({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, dict) and "format" in obj and "num_classes" in obj and num_heads is None:
         model, cfg = load_model_from_checkpoint(path, device)
-        return model, cfg.to_dict()
+        return model, cfg.flat()
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         sd, config = obj["model"], dict(obj.get("config") or {})
+        # sectioned configs ({"data": {...}, "model": {...}}) read flat, like the checkpoints before sections
+        config = {**{k: v for k, v in config.items() if not isinstance(v, dict)},
+                  **{k: v for sec in config.values() if isinstance(sec, dict) for k, v in sec.items()}}
     elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd, config = obj, {}
     else:
@@ -147,15 +150,17 @@ def build_split(dataset: str, root: Optional[str], split: str, config: Dict[str,
     from aream_fast.engine import build as engine_build
     from aream_fast.engine.config import TrainConfig
 
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k in known}) if config else TrainConfig()
-    cfg = dataclasses.replace(cfg, dataset=dataset, data_root=root)
+    owner = TrainConfig.field_owner()
+    sections = TrainConfig.sections()
+    known = {k: v for k, v in (config or {}).items() if k in owner or k in sections}  # flat or nested
+    cfg = TrainConfig.from_dict(known, validate=False) if known else TrainConfig()
+    cfg.data.dataset, cfg.data.data_root = dataset, root
     if dataset == "synthetic":
         if root is None or not os.path.isfile(os.path.join(root, "synthetic_meta.json")):
-            root = engine_build.resolve_data_root(cfg, create=True)
+            root = engine_build.resolve_data_root(cfg.data, create=True)
     elif root is None:
         raise ValueError(f"--data-root is required for --dataset {dataset}")
-    return engine_build.build_split(cfg, root, split, train=False, native_size=True)
+    return engine_build.build_split(cfg.data, root, split, train=False, native_size=True)
 
 
 def square_item(item: Dict[str, Any], size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

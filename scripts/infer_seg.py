@@ -10,7 +10,7 @@ the native image size and ``<out>/report_<split>.json`` = {"split", "scales", "f
 "checkpoint": {"path", "sha256"}, "num_images", "miou", "per_class_iou", "confusion"}. Inference is
 ``aream_fast.stage2.inference.multiscale_flip_probs`` (default scales 0.5-1.5 and flip; sliding windows above
 ``--max-pixels``), then ``crf_refine`` with ``--crf PRESET`` when given. mIoU is the mean over all K + 1
-classes of ``aream_fast.metrics`` (official semantics). Ground truth: for VOC, SegmentationClass when it holds
+classes of ``aream_fast.evaluation.metrics`` (official semantics). Ground truth: for VOC, SegmentationClass when it holds
 every listed mask (the official protocol, as scripts/evaluate.py), otherwise the layout's mask folder.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from aream_fast.data.dataset import SegmentationDataset  # noqa: E402
 from aream_fast.data.image_io import write_mask  # noqa: E402
 from aream_fast.data.layout import DatasetLayoutError, resolve_split  # noqa: E402
 from aream_fast.data.transforms import EvalTransform  # noqa: E402
-from aream_fast.metrics import confusion_matrix, iou_from_confusion  # noqa: E402
+from aream_fast.evaluation.metrics import confusion_matrix, iou_from_confusion  # noqa: E402
 from aream_fast.stage2.inference import (DEFAULT_MAX_PIXELS, DEFAULT_OVERLAP, DEFAULT_SCALES,  # noqa: E402
                                          DEFAULT_TILE, crf_refine, multiscale_flip_probs)
 from aream_fast.stage2.seg_models import load_seg_model  # noqa: E402
@@ -142,15 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     return results
 
 
-def _cli() -> int:
-    """Exit status 1 with a one-line message for bad input (missing files, wrong checkpoint, bad layout)."""
-    try:
-        main()
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_cli())
+    from aream_fast.engine.errors import main_guard
+
+    sys.exit(main_guard(main))

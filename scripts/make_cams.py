@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset root (default: the run's)")
     p.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/cams_<split>")
     p.add_argument("--scales", default=None, help="comma-separated inference scales (default: official 1.0; "
-                                                  "0.5,1,1.5 for a Conformer checkpoint, spec §5.2)")
+                                                  "0.5,1,1.5 for a Conformer checkpoint, docs/semantics.md)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="skip the flipped view")
     p.add_argument("--overlays", type=int, default=0, help="also write PNG overlays for the first N images")
     p.add_argument("--eval", action="store_true", help="score the CAMs (needs masks): threshold sweep mIoU")

@@ -104,7 +104,9 @@ def _affinity(args: argparse.Namespace):
         except ValueError:
             raise ValueError(f"--affinity-layers must be comma-separated integers, got {args.affinity_layers!r}")
     else:
-        layers = tuple(range(cfg.derived_layer_index(model.depth), model.depth))
+        from aream_fast.models.records import LayerSplit
+
+        layers = tuple(LayerSplit.from_depth(model.depth, cfg.aream.layer_index).supervised_layers)
     to_tensor = EvalTransform(None)
 
     def affinity_fn(image):
@@ -191,10 +193,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from aream_fast.data.image_io import CorruptImageError
+    from aream_fast.engine.errors import main_guard
 
-    try:
-        main()
-    except (FileNotFoundError, ValueError, OSError, CorruptImageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(main_guard(main))

@@ -34,4 +34,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from aream_fast.engine.errors import main_guard
+
+    sys.exit(main_guard(main))

@@ -14,3 +14,10 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fixed_thread_count(monkeypatch):
+    """Pin OMP_NUM_THREADS for every test: training runs (and their subprocesses) that a test compares, e.g. an
+    uninterrupted and a resumed run, then use the same thread count (the same float reduction order)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())))

@@ -112,7 +112,7 @@ def test_param_groups_no_decay_on_1d_bias_pos_embed():
     m = M()
     decay, no_decay = param_groups(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
-    assert {names[id(p)] for p in decay["params"]} == {"cls_token", "fc.weight"}  # cls_token decayed (spec §10.5)
+    assert {names[id(p)] for p in decay["params"]} == {"cls_token", "fc.weight"}  # cls_token decayed (docs/semantics.md, Oddities)
     assert {names[id(p)] for p in no_decay["params"]} == {"pos_embed", "fc.bias", "norm.weight", "norm.bias"}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     opt = build_optimizer(m, lr=1e-3, weight_decay=0.05)
@@ -259,7 +259,7 @@ def test_run_logger_csv_jsonl_and_manifest(tmp_path):
 
 
 def test_param_groups_follow_the_models_no_weight_decay():
-    # MCT models exempt only pos_embed (official, spec §10.5); single-token ViTs also exempt cls_token (timm).
+    # MCT models exempt only pos_embed (official; docs/semantics.md, Oddities); single-token ViTs also exempt cls_token (timm).
     from aream_fast import build_model
 
     for name, exempt in (("mct_deit_small", {"pos_embed"}), ("vit_small", {"pos_embed", "cls_token"})):

@@ -18,6 +18,7 @@ once.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -260,6 +261,11 @@ class AReAMTask(Task):
         ctx.log(f"wrote {written} CAM files ({source} weights) to {cam_dir} in {cam_s:.1f} s")
         results = score_cams(cam_dir, cam_set, log=ctx.log)
         results.update(cam_dir=cam_dir, weights=source, cam_seconds=cam_s, gt_dir=str(cam_set.files.mask_dir))
+        # the same file as ``make_cams.py --eval``: make_pseudo_masks.py reads its best threshold
+        tmp = os.path.join(cam_dir, "cam_eval.json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(results, fh, indent=2)
+        os.replace(tmp, os.path.join(cam_dir, "cam_eval.json"))
         return results
 
     def summary(self, finish_results: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -324,7 +324,10 @@ class SectionedConfig:
 
     @classmethod
     def sections(cls) -> Dict[str, Type]:
-        return {f.name: f.default_factory for f in fields(cls)}  # type: ignore[misc]
+        # a section's default_factory is its class, or a function returning an instance with other defaults
+        # (SegTrainConfig's optimiser)
+        return {f.name: f.default_factory if isinstance(f.default_factory, type) else type(f.default_factory())
+                for f in fields(cls)}  # type: ignore[misc]
 
     @classmethod
     def field_owner(cls) -> Dict[str, str]:
@@ -439,7 +442,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "layer_index": 7, "aream_weight": 0.1, "bg_low": 0.35, "bg_high": 0.55, "seed": 42,
         "train_split": "train_aug", "val_split": "val", "cam_split": "train_aug",
     },
-    # the official Conformer-S path (TransCAM-style; spec §1.2, §3.1, §5.2, §7); the same values as
+    # the official Conformer-S path (TransCAM-style; docs/semantics.md, Conformer and Training details); the same values as
     # aream_fast.pseudo_labels.conformer.CONFORMER_TRAINING (tests/engine/test_conformer_task.py checks it).
     # Trained by aream_fast.engine.conformer_task.ConformerTask (head lr x10, img_box crops).
     "official-conformer": {
@@ -466,8 +469,10 @@ def _flag(f: dataclasses.Field) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: Type[SectionedConfig]) -> None:
     """One argparse group per section and one flag per field (dest = the field name), defaults shown."""
-    for section_cls in config_cls.sections().values():
+    instance = config_cls()  # the defaults of this config (a section's factory may change its class defaults)
+    for section_name, section_cls in config_cls.sections().items():
         group = parser.add_argument_group(getattr(section_cls, "TITLE", section_cls.__name__))
+        section_defaults = getattr(instance, section_name)
         for f in fields(section_cls):
             md = f.metadata
             flag = _flag(f)
@@ -477,7 +482,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: Type[SectionedCon
                 action = "store_false" if f.default is True else "store_true"
                 group.add_argument(flag, dest=f.name, action=action, help=help_text)
                 continue
-            kw: Dict[str, Any] = {"dest": f.name, "default": f.default,
+            kw: Dict[str, Any] = {"dest": f.name, "default": getattr(section_defaults, f.name),
                                   "help": help_text + " (default: %(default)s)"}
             if md.get("parse") is not None:
                 kw["type"] = md["parse"]

@@ -1,4 +1,4 @@
-"""Stage one on the Conformer-S (TransCAM-style AReAM; spec §1.2, §3.1, §5.2, §7): what differs from the ViT.
+"""Stage one on the Conformer-S (TransCAM-style AReAM; docs/semantics.md, Conformer): what differs from the ViT.
 
 :class:`ConformerTask` is an :class:`~aream_fast.engine.aream_task.AReAMTask` (same step, losses, validation,
 CAM seeds and checkpoints) with the official Conformer path's differences from main_voc_conformer.py of

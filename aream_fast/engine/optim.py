@@ -1,7 +1,7 @@
-"""AdamW with the official parameter groups (spec §7): weight decay on weight matrices only.
+"""AdamW with the official parameter groups (docs/semantics.md, Training details): weight decay on weight matrices only.
 
 No decay on 1-D parameters (norm weights, biases), on any ``*.bias``, and on the names the model lists in
-``no_weight_decay()`` (timm convention; ``pos_embed`` when the model has no such method). Note (spec §10.5): the
+``no_weight_decay()`` (timm convention; ``pos_embed`` when the model has no such method). Note (docs/semantics.md, Oddities): the
 official MCTformer ``no_weight_decay`` omits ``cls_token``, so class tokens *are* decayed on the MCT models;
 the single-token ViT/DeiT models exempt ``cls_token`` as timm does.
 """
@@ -59,7 +59,7 @@ def freeze_unused_parameters(model: nn.Module, image_size: int, device: torch.de
 
     Probe: one forward + backward of the classification logits on a (1, 3, S, S) input (under
     ``fork_rng``, so the training RNG stream is untouched). Example: MCTformer loads but never applies the
-    final LayerNorm (spec §1.1); DDP would otherwise fail on parameters that never get a gradient. AdamW skips
+    final LayerNorm (docs/semantics.md, Model); DDP would otherwise fail on parameters that never get a gradient. AdamW skips
     parameters without a gradient anyway, so freezing them changes no value; it keeps the optimizer state the
     same with and without DDP (resume across world sizes). Buffers (BN running statistics) are restored.
     """

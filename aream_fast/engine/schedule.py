@@ -6,7 +6,7 @@ lr(t) for step t = 0 .. total_steps - 1 (the lr *used by* step t):
 * t < warmup_steps:  warmup_lr + (base_lr - warmup_lr) * t / warmup_steps
 * otherwise:         min_lr + 0.5 (base_lr - min_lr) (1 + cos(pi * (t - warmup_steps) / (total_steps - warmup_steps)))
 
-Official MCTformer uses timm's per-epoch cosine stepped at epoch ends (spec §7, §10.6); a per-step schedule
+Official MCTformer uses timm's per-epoch cosine stepped at epoch ends (docs/semantics.md, Training details and Oddities); a per-step schedule
 with the same endpoints is smoother and is what the Conformer path of the same repo does. The state is the
 step counter only, so it checkpoints exactly.
 """

@@ -39,7 +39,7 @@ def write_cams(model: nn.Module, dataset, out_dir: str, *, scales: Sequence[floa
                progress: bool = True, flip_after_pad: Optional[bool] = None) -> int:
     """Write ``<out_dir>/<name>.npy`` for items ``rank::world_size`` of ``dataset``; returns the count written.
 
-    flip_after_pad: ``inference_cam``'s option; None = True for a Conformer (infer_conformer.py, spec §5.2:
+    flip_after_pad: ``inference_cam``'s option; None = True for a Conformer (infer_conformer.py; docs/semantics.md, Inference CAMs:
     ``conformer_inference_cam``), False otherwise.
 
     dataset items: {"image": (3, H, W) normalised, "label": (K,), "name": str} (native size, any H, W).

@@ -85,9 +85,16 @@ def mask_entry(report_json: str, *, name: str, class_names: Optional[Sequence[st
         raise ValueError(f"{report_json} has no score (made with --no-eval?)")
     return ReportEntry("pseudo masks", str(r.get("split", "train")), f"{name}: {r.get('post_processing', name)}",
                        _percent(score["miou"]), os.path.dirname(os.path.abspath(report_json)),
-                       preset=r.get("crf_preset") or r.get("random_walk_preset"),
+                       preset=_mask_presets(r),
                        per_class=_per_class(score.get("per_class_iou"), class_names),
                        details={k: v for k, v in r.items() if k not in ("score",)})
+
+
+def _mask_presets(r: Dict[str, Any]) -> Optional[str]:
+    """"crf cam, rw aream" from a make_pseudo_masks.py report ({"crf": {"preset"}, "random_walk": {"preset"}})."""
+    parts = [f"{label} {r[key]['preset']}" for key, label in (("random_walk", "rw"), ("crf", "crf"))
+             if isinstance(r.get(key), dict) and r[key].get("preset")]
+    return ", ".join(parts) or None
 
 
 def seg_entry(report_json: str, *, stage: str, name: str,
@@ -152,5 +159,60 @@ def plot_per_class(rows: Sequence[ReportEntry], path: str) -> Optional[str]:
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_examples(dataset: str, root: str, split: str, *, cam_dir: str, mask_dir: str, pred_dir: str, path: str,
+                  count: int = 4, threshold: Optional[float] = None) -> str:
+    """One row per image for the first ``count`` images of ``split`` that have a CAM file: image, CAM (the
+    max over the image's classes, as a heat map; with ``threshold`` the background contour), pseudo mask,
+    prediction, ground truth (VOC palette; 255 white). Files: ``cam_dir/<name>.npy`` (``save_cam_npy``
+    format), ``mask_dir/<name>.png``, ``pred_dir/<name>.png``. Writes a PNG at ``path`` and returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from aream_fast.data.image_io import read_image, read_mask, voc_palette
+    from aream_fast.data.layout import resolve_split
+    from aream_fast.pseudo_labels.seeds import load_cam_npy
+
+    files = resolve_split(dataset, root, split, with_masks=True)
+    palette = voc_palette().astype(np.uint8)
+    palette[255] = 255
+
+    def colour(mask: np.ndarray) -> np.ndarray:
+        return palette[mask.astype(np.int64)]
+
+    picked = [(n, i, m) for n, i, m in zip(files.names, files.image_paths, files.mask_paths)
+              if os.path.isfile(os.path.join(cam_dir, f"{n}.npy"))][:max(1, count)]
+    if not picked:
+        raise FileNotFoundError(f"no CAM file of {dataset}/{split} in {cam_dir} for the example figure")
+    titles = ("image", "CAM (max over classes)", "pseudo mask", "prediction", "ground truth")
+    fig, axes = plt.subplots(len(picked), 5, figsize=(10, 2.1 * len(picked)), squeeze=False)
+    for row, (name, image_path, gt_path) in zip(axes, picked):
+        image = read_image(image_path)
+        _, cam = load_cam_npy(os.path.join(cam_dir, f"{name}.npy"))
+        heat = cam.max(0) if cam.shape[0] else np.zeros(image.shape[:2], np.float32)
+        panels = [image, None, colour(read_mask(os.path.join(mask_dir, f"{name}.png"))),
+                  colour(read_mask(os.path.join(pred_dir, f"{name}.png"))), colour(read_mask(gt_path))]
+        for ax, panel, title in zip(row, panels, titles):
+            if panel is None:
+                ax.imshow(image)
+                ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+                if threshold is not None:
+                    ax.contour(heat, levels=[threshold], colors="white", linewidths=0.8)
+            else:
+                ax.imshow(panel)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if ax is row[0]:
+                ax.set_ylabel(name, fontsize=7)
+        for ax, title in zip(axes[0], titles):
+            ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -194,30 +194,3 @@ def conformer_lr_schedule(base_lr: float, *, start_lr: float = 1e-6, final_lr: f
     t = np.arange(total_steps - warmup_steps)
     cos = final_lr + 0.5 * (base_lr - final_lr) * (1 + np.cos(np.pi * t / len(t)))
     return np.concatenate([warm, cos])
-
-
-def conformer_random_crop(image: Tensor, crop_size: int = 384) -> Tuple[Tensor, Tensor]:
-    """datasets/transforms.py ``RandomCrop`` of the official code (no label): the crop and its ``img_box``.
-
-    The image is placed at a random offset inside a zero (black) canvas of max(crop, H) x max(crop, W), then a
-    random crop_size x crop_size window is taken (torch's global RNG, as ``aream_fast.data.transforms``).
-    image (3, H, W) float **before** normalisation (black = 0; the official canvas is black uint8 pixels).
-    Returns crop (3, crop_size, crop_size) and img_box (4,) int64 (i1, i2, j1, j2): the rows / columns of the
-    crop that hold image pixels (the rest is padding), for ``apply_crop_box`` / ``conformer_patch_labels``.
-    """
-    if not isinstance(image, Tensor) or image.dim() != 3:
-        raise ValueError(f"image must be a (3, H, W) tensor, got {getattr(image, 'shape', type(image))}")
-    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size <= 0:
-        raise ValueError(f"crop_size must be a positive int, got {crop_size!r}")
-    _, img_h, img_w = image.shape
-    hh, ww = max(crop_size, img_h), max(crop_size, img_w)
-    h_pad = int(torch.randint(0, hh - img_h + 1, (1,)))
-    w_pad = int(torch.randint(0, ww - img_w + 1, (1,)))
-    canvas = image.new_zeros(image.shape[0], hh, ww)
-    canvas[:, h_pad:h_pad + img_h, w_pad:w_pad + img_w] = image
-    h0 = int(torch.randint(0, hh - crop_size + 1, (1,)))
-    w0 = int(torch.randint(0, ww - crop_size + 1, (1,)))
-    crop = canvas[:, h0:h0 + crop_size, w0:w0 + crop_size]
-    box = torch.tensor([max(h_pad - h0, 0), min(crop_size, img_h + h_pad - h0),
-                        max(w_pad - w0, 0), min(crop_size, img_w + w_pad - w0)], dtype=torch.int64)
-    return crop, box

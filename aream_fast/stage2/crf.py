@@ -5,7 +5,7 @@ The model is Krähenbühl and Koltun, "Efficient Inference in Fully Connected CR
 ``pairwise.cpp``, ``labelcompatibility.cpp``) and used by PSA, MCTformer, AReAM, ToCo and others:
 
 * unary ``U = -log(clip(p, 1e-5, 1))`` (pydensecrf ``utils.unary_from_softmax``); ``p`` need not be normalised
-  (the official CAM CRF passes background-stacked CAM scores, ``shared/reference/aream_official_spec.md`` §5.4);
+  (the official CAM CRF passes background-stacked CAM scores, docs/semantics.md, Stage two);
 * two kernels with Potts compatibility: an appearance-free Gaussian on ``(x, y) / sxy`` and a bilateral one on
   ``(x / sxy, y / sxy, r / srgb, g / srgb, b / srgb)`` (x = column, y = row, colours 0..255);
 * each kernel normalised symmetrically, ``K~ = D^-1/2 K D^-1/2`` with ``D = K 1`` and the self term kept
@@ -20,7 +20,7 @@ Back ends (``backend=``):
 * ``"exact"``: K is the true Gaussian ``exp(-|f_i - f_j|^2 / 2)`` materialised as an N x N matrix (float64),
   the mathematical model the lattice approximates. For tests and tiny images only (N <= ``EXACT_MAX_PIXELS``).
 
-Parameter presets (``CRF_PRESETS``) are the ones peers use (``shared/reference/stage2_anchors.md`` §3.4).
+Parameter presets (``CRF_PRESETS``) are the ones peers use (docs/semantics.md, Stage two).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ background plane (constant threshold t, or (1 - max_k cam_k)^α), then optionall
 
 * a random walk on the ViT's own patch affinity (``aream_fast.stage2.random_walk``, a named preset),
 * a dense CRF with a named preset (``aream_fast.stage2.dense_crf``) over the k + 1 present labels, as the
-  official CAM CRF (Jessie459/AReAM ``infer_crf.py``, spec §5.4) does,
+  official CAM CRF (Jessie459/AReAM ``infer_crf.py``; docs/semantics.md, Stage two) does,
 
 and the argmax gives ids 0 (background) and key + 1. With ``ignore=True`` the official low / high-α rule of
 ``main_psa.sh`` replaces the constant background: the same chain runs with bg = (1 - max)^1 ("la") and
@@ -16,7 +16,7 @@ and ha a different foreground class (PSA keeps la there).
 Ground truth is never read here while masks are made: only the CAM files, the images (for the CRF and the
 ViT affinity) and the split's image-level label file (to tell an image without labels, which has no CAM file,
 from a missing CAM). ``score_pseudo_masks`` reads the ground truth afterwards, with the confusion-matrix code of
-the CAM evaluation (``aream_fast.metrics``).
+the CAM evaluation (``aream_fast.evaluation.metrics``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ GT_FOLDER_NAMES = ("SegmentationClass", "SegmentationClassAug")
 def _crf(image: np.ndarray, probs: torch.Tensor, preset: str, iterations: int) -> torch.Tensor:
     from aream_fast.stage2 import dense_crf  # lazy: the CRF is only needed when asked for
 
-    # the [bg; cams] scores are not normalised over the labels (official CAM CRF, spec §5.4)
+    # the [bg; cams] scores are not normalised over the labels (official CAM CRF; docs/semantics.md, Stage two)
     return torch.as_tensor(dense_crf(image, probs, preset=preset, iterations=iterations, normalized=False))
 
 
@@ -204,7 +204,7 @@ def score_pseudo_masks(mask_dir: Path, gt_files) -> Dict[str, Any]:
 
     from aream_fast.data.classes import num_classes
     from aream_fast.data.image_io import read_mask
-    from aream_fast.metrics import confusion_matrix, iou_from_confusion
+    from aream_fast.evaluation.metrics import confusion_matrix, iou_from_confusion
 
     num = num_classes(gt_files.dataset) + 1
     cm = np.zeros((num, num + 1), dtype=np.int64)

@@ -137,3 +137,15 @@ def build_pseudo_mask_dataset(dataset: str, root: str | os.PathLike, split: str,
     refuse_ground_truth_masks(masks, files)
     transform = SegTrainTransform(crop_size, scale_range, hflip) if train else EvalTransform(None)
     return PseudoMaskDataset(files, transform, preload=preload, progress=progress)
+
+
+def build_upper_bound_dataset(dataset: str, root: str | os.PathLike, split: str, *, train: bool,
+                              crop_size: int = 448, scale_range: Tuple[float, float] = (0.5, 2.0),
+                              hflip: float = 0.5, cls_labels: Optional[str | os.PathLike] = None,
+                              preload: bool = False, progress: bool = False) -> SegmentationDataset:
+    """Split ``split`` of ``dataset`` under ``root`` with its **ground-truth** masks and the same transform as
+    :func:`build_pseudo_mask_dataset`: the fully supervised upper bound's training data (``scripts/train_seg.py
+    --gt-upper-bound``). Items as :class:`SegmentationDataset`; raises ``DatasetLayoutError`` for missing masks."""
+    files = resolve_split(dataset, root, split, with_masks=True, cls_labels=cls_labels)
+    transform = SegTrainTransform(crop_size, scale_range, hflip) if train else EvalTransform(None)
+    return SegmentationDataset(files, transform, preload=preload, progress=progress)

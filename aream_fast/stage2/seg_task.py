@@ -109,8 +109,11 @@ class SegTask(Task):
         from aream_fast.stage2.seg_data import build_pseudo_mask_dataset, build_upper_bound_dataset
 
         data, seg = self.cfg.data, self.cfg.seg
+        # an existing dataset (the stage-one run's synthetic cache) is read as it is: the segmentation crop
+        # size need not be the size the synthetic images were generated at
+        existing = data.data_root is not None and os.path.isdir(data.data_root)
         if ctx.dist.is_main:
-            self.data_root = resolve_data_root(data, create=True, progress=True)
+            self.data_root = resolve_data_root(data, create=not existing, progress=True)
         barrier(ctx.dist)
         if not ctx.dist.is_main:
             self.data_root = resolve_data_root(data, create=False)
@@ -172,7 +175,7 @@ class SegTask(Task):
 
         was_training = self.model.training
         self.model.eval()
-        cm = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        cm = np.zeros((self.num_classes, self.num_classes + 1), dtype=np.int64)  # confusion_matrix layout
         try:
             for i in range(len(self.val_set)):
                 item = self.val_set[i]

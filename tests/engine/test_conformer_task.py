@@ -7,7 +7,6 @@ embed 16, 2 heads, 12 layers) on 64 px synthetic images.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -24,8 +23,9 @@ from aream_fast.engine.optim import freeze_unused_parameters
 from aream_fast.engine.task import TaskContext
 from aream_fast.models.records import LayerSplit
 from aream_fast.official.conformer import OfficialConformer, official_conformer_training_step
-from aream_fast.official.mctformer import OfficialPAR
+from aream_fast.official.pseudo_labels import OfficialPAR
 from aream_fast.pseudo_labels.conformer import CONFORMER_TRAINING, conformer_inference_cam
+from tests._scripts import load_script, synthetic_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 K = 5
@@ -38,25 +38,12 @@ TINY = ["--preset", "official-conformer", "--dataset", "synthetic", "--train-spl
 
 
 def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _fixed_thread_count(monkeypatch):
-    """Same thread count for the uninterrupted and the resumed run (same float reduction order)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    return load_script(f"scripts/{name}.py", f"{name}_script")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from aream_fast.data import ensure_synthetic
-
-    root = tmp_path_factory.mktemp("syn") / "synthetic"
-    ensure_synthetic(root, num_train=8, num_val=4, image_size=64, progress=False)
-    return str(root)
+    return synthetic_root(tmp_path_factory, num_train=8, num_val=4, image_size=64)
 
 
 def _step_rows(run_dir):

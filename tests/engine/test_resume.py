@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from aream_fast.engine.errors import UserError
+from tests._scripts import start_until_losses
 from tests.engine.conftest import ROOT, SCRIPTS, TINY, rows, step_rows
 
 
@@ -58,15 +59,8 @@ def test_sigkill_mid_run_then_resume_logs_each_step_once(train_script, data_root
     args = TINY + ["--data-root", data_root, "--run-dir", str(run_dir), "--no-cams", "--epochs", "6",
                    "--save-every-steps", "1", "--pseudo-from-forward"]
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "train.py")] + args, cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"loss"') >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc = start_until_losses([sys.executable, os.path.join(SCRIPTS, "train.py")] + args, run_dir / "metrics.jsonl",
+                              3, timeout=120, env=env)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert train_script.main(args + ["--resume"]) == 0

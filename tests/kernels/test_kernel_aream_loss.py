@@ -30,7 +30,7 @@ def _need_a_triton_device():
 
 
 def materialised_loss(q, k, patch_labels, *, scale, num_prefix_tokens, layer_weights=None, ignore_index=IGNORE):
-    """Official AReAM loss (spec §2) written independently of the kernel: builds the (L, B, H, N, N) logits,
+    """Official AReAM loss (docs/semantics.md, Affinity loss) written independently of the kernel: builds the (L, B, H, N, N) logits,
     the head mean, the B x P x P pair labels and counts them directly. q, k (L, B, H, N, d)."""
     c = num_prefix_tokens
     logits = torch.einsum("lbhid,lbhjd->lbhij", q, k) * scale

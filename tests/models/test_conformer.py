@@ -18,8 +18,9 @@ from aream_fast.official.loss import official_seg_to_aff
 from aream_fast.official.pseudo_labels import OfficialPAR
 from aream_fast.pseudo_labels.conformer import (CONFORMER_TRAINING, apply_crop_box, conformer_inference_cam,
                                        conformer_layers, conformer_lr_schedule, conformer_param_groups,
-                                       conformer_patch_labels, conformer_pseudo_label_cams, conformer_random_crop,
+                                       conformer_patch_labels, conformer_pseudo_label_cams,
                                        crop_box_patch_mask)
+from aream_fast.data.conformer_transforms import conformer_random_crop
 from aream_fast.models.conformer import Conformer
 from aream_fast.official.conformer import (OfficialConformer, official_apply_img_box,
                                            official_conformer_gen_msf_cam, official_conformer_inference_cam,

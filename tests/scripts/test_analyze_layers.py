@@ -24,16 +24,16 @@ def tiny_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analyze")
     root = str(ensure_synthetic(str(tmp / "syn"), num_train=4, num_val=1, image_size=32, progress=False))
     k = build_dataset("synthetic", root, "train", train=False, image_size=None).num_classes
-    cfg = TrainConfig(dataset="synthetic", data_root=root, image_size=32, embed_dim=32, depth=3, num_heads=2,
-                      synthetic_train_size=4, synthetic_val_size=1, run_name="tiny-baseline")
+    cfg = TrainConfig().replace(dataset="synthetic", data_root=root, image_size=32, embed_dim=32, depth=3, num_heads=2,
+                                synthetic_train_size=4, synthetic_val_size=1, run_name="tiny-baseline")
     torch.manual_seed(0)
-    model = build_model_from_config(cfg, k)
+    model = build_model_from_config(cfg.model, k, image_size=32)
     # the TRAIN engine's checkpoint format (aream_fast/engine/checkpoint.py)
     engine_ckpt = str(tmp / "checkpoint.pth")
     torch.save({"format": 1, "model": model.state_dict(), "config": cfg.to_dict(), "epoch": 1, "num_classes": k},
                engine_ckpt)
     torch.manual_seed(1)
-    other = build_model_from_config(cfg, k)
+    other = build_model_from_config(cfg.model, k, image_size=32)
     with torch.no_grad():  # sharpen attention so the two checkpoints differ visibly
         for blk in other.blocks:
             blk.attn.qkv.weight.mul_(20.0)

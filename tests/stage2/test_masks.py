@@ -14,7 +14,7 @@ import torch
 
 from aream_fast import load_cam_npy, save_cam_npy
 from aream_fast.data import ensure_synthetic, read_image, read_mask
-from aream_fast.metrics import cam_to_prediction
+from aream_fast.evaluation.metrics import cam_to_prediction
 from aream_fast.stage2.masks import IGNORE_ALPHAS, pseudo_mask
 from aream_fast.stage2.random_walk import random_walk
 
@@ -40,7 +40,7 @@ def _crf_module():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 5 + 2 image synthetic set (36 px), a depth-2 checkpoint and its CAM seeds for the train split."""
-    from aream_fast.cam import inference_cam
+    from aream_fast.pseudo_labels.cam import inference_cam
     from aream_fast.data.transforms import EvalTransform
     from aream_fast.engine.build import build_model_from_config
     from aream_fast.engine.checkpoint import FORMAT_VERSION
@@ -48,10 +48,10 @@ def tiny(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("masks")
     root = ensure_synthetic(base / "syn", num_train=5, num_val=2, image_size=36, progress=False)
-    cfg = TrainConfig(dataset="synthetic", data_root=str(root), model="mct_deit_small", depth=2, embed_dim=32,
-                      num_heads=2, image_size=32)
+    cfg = TrainConfig().replace(dataset="synthetic", data_root=str(root), model="mct_deit_small", depth=2,
+                                embed_dim=32, num_heads=2, image_size=32, layer_index=1)
     torch.manual_seed(0)
-    model = build_model_from_config(cfg, 6).eval()
+    model = build_model_from_config(cfg.model, 6, image_size=32).eval()
     ckpt = base / "checkpoint.pth"
     torch.save({"format": FORMAT_VERSION, "config": cfg.to_dict(), "num_classes": 6, "model": model.state_dict()},
                ckpt)
@@ -233,10 +233,11 @@ def test_script_bad_inputs(tiny, tmp_path):
     with pytest.raises(ValueError, match="preset"):
         script.main(_argv(tiny, tmp_path / "o", "--bg-threshold", "0.4", "--random-walk", "nope",
                           "--checkpoint", str(tiny["ckpt"])))
-    # one subprocess for the command-line contract: a one-line "error:" message and exit code 1
+    # one subprocess for the command-line contract: a one-line "error:" message (+ the --debug hint), exit code 1
     proc = subprocess.run([sys.executable, str(SCRIPT)] + argv[:-1] + ["0.4", "--no-eval"], capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[1:] == ["(run with --debug or AREAM_FAST_DEBUG=1 for the traceback)"]
 
 
 def test_crf_path_and_ignore_rule(tiny):

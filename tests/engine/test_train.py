@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests._scripts import start_until_losses, synthetic_root
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 MAKE_CAMS = os.path.join(ROOT, "scripts", "make_cams.py")
 
@@ -34,20 +36,9 @@ train_script = _load_script(TRAIN, "train_script")
 make_cams_script = _load_script(MAKE_CAMS, "make_cams_script")
 
 
-@pytest.fixture(autouse=True)
-def _fixed_thread_count(monkeypatch):
-    """The trainer drops to 1 CPU thread when the machine is busy unless OMP_NUM_THREADS is set; pin it so the
-    uninterrupted and resumed runs of a test always use the same thread count (same float reduction order)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from aream_fast.data import ensure_synthetic
-
-    root = tmp_path_factory.mktemp("syn") / "synthetic"
-    ensure_synthetic(root, num_train=16, num_val=6, image_size=48, progress=False)
-    return str(root)
+    return synthetic_root(tmp_path_factory, num_train=16, num_val=6, image_size=48)
 
 
 def _rows(run_dir):
@@ -209,15 +200,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(data_root, tmp_path):
     args = TINY + ["--data-root", data_root, "--run-dir", str(run_dir), "--no-cams", "--pseudo-from-forward",
                    "--epochs", "12"]
     cmd = [sys.executable, TRAIN] + args
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"loss"') >= 1:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc = start_until_losses(cmd, run_dir / "metrics.jsonl", 1, timeout=240, env=_env(), poll=0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
