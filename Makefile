@@ -4,16 +4,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench profile compile-check gpu-check clean
+.PHONY: demo demo-stage1 test test-fast bench profile compile-check gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# The main job: train AReAM on the built-in synthetic dataset, then write CAMs and print their mIoU.
+# The main job: the whole pipeline on the built-in synthetic dataset (stage one -> CAM seeds -> pseudo masks ->
+# segmentation network + its ground-truth upper bound -> inference), ending by printing runs/demo/report.md.
+# Run it again after an interruption: finished steps are kept.
+DEMO_OUT ?= runs/demo
 demo: $(STAMP)
-	$(PY) scripts/train.py --amp --compile
+	$(PY) scripts/run_pipeline.py --out $(DEMO_OUT)
+
+# Stage one only (a few minutes): train AReAM, write the train CAM seeds, print their mIoU.
+demo-stage1: $(STAMP)
+	$(PY) scripts/run_pipeline.py --out $(DEMO_OUT)-stage1 --stage1-only
 
 # The whole test suite (Triton kernels run through the CPU interpreter).
 test: $(STAMP)

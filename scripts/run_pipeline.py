@@ -55,6 +55,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seg-args", default="", help="extra train_seg.py arguments (both trainings), one string")
     p.add_argument("--mask-crf", default="cam", help="CRF preset of the pseudo masks (official CAM CRF: cam)")
     p.add_argument("--random-walk", default="aream", help="random-walk preset of the pseudo masks")
+    p.add_argument("--seg-init", default="stage1", choices=("stage1", "random"),
+                   help="segmentation backbone init: the stage-one ViT (image labels only; the default, as peers "
+                        "start from ImageNet weights) or random")
     p.add_argument("--seg-masks", default="crf", choices=MASK_VARIANTS,
                    help="the pseudo-mask variant the segmentation network trains on (default crf)")
     p.add_argument("--infer-crf", default="official-test", help="CRF preset of MS+flip+CRF inference")
@@ -136,6 +139,8 @@ class Pipeline:
         self.stage1_ckpt = run_dir / "checkpoint_best.pth"
         if not self.stage1_ckpt.is_file():
             self.stage1_ckpt = run_dir / "checkpoint.pth"
+        self.stage1_model = cfg.get("model", cfg)
+        self.image_size = data.get("image_size")
         self.cams_train = run_dir / "cams_train"
         if not (self.cams_train / "cam_eval.json").is_file():
             raise SystemExit(f"error: stage one wrote no {self.cams_train / 'cam_eval.json'} (was --no-cams given "
@@ -176,8 +181,16 @@ class Pipeline:
 
     def segmentation(self) -> None:
         a = self.args
+        init: List[str] = []
+        if a.seg_init == "stage1":  # the same ViT as stage one, its weights as the backbone's start
+            init += ["--pretrained", str(self.stage1_ckpt)]
+            for key in ("embed_dim", "depth", "num_heads", "patch_size"):
+                if self.stage1_model.get(key) is not None:
+                    init += [f"--{key.replace('_', '-')}", str(self.stage1_model[key])]
+        if self.image_size:
+            init += ["--image-size", str(self.image_size)]
         common = [*self.train_flags(), "--resume", "auto", "--dataset", self.dataset, "--data-root",
-                  str(self.data_root), "--seed", str(a.seed), *self.device(), *shlex.split(a.seg_args)]
+                  str(self.data_root), "--seed", str(a.seed), *self.device(), *init, *shlex.split(a.seg_args)]
         self.seg_dir = self.out / "seg"
         self.step("segmentation on pseudo masks (train_seg.py)",
                   self.script("train_seg.py", "--masks", str(self.mask_dirs[a.seg_masks]), "--run-dir",
@@ -228,7 +241,9 @@ class Pipeline:
         notes = []
         meta: Dict[str, Any] = {"dataset": self.dataset, "data root": self.data_root, "seed": a.seed,
                                 "stage one": "cls-only (no AReAM loss)" if a.no_aream else "AReAM",
-                                "stage one checkpoint": str(self.stage1_ckpt)}
+                                "stage one checkpoint": str(self.stage1_ckpt),
+                                "segmentation backbone init": ("the stage-one checkpoint" if a.seg_init == "stage1"
+                                                               else "random")}
         if infer_reports is not None:
             for variant in MASK_VARIANTS:
                 rows.append(mask_entry(str(self.mask_dirs[variant] / "report.json"), name=variant,

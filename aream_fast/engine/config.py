@@ -111,6 +111,8 @@ class ModelConfig:
                                   parse=parse_optional_int)
     num_heads: Optional[int] = option(3, "override the number of heads ('none' = the named model's)",
                                       parse=parse_optional_int)
+    patch_size: Optional[int] = option(None, "ViT models: override the patch size ('none' = the named model's, 16; "
+                                             "8 = a 4x finer token grid)", parse=parse_optional_int)
     base_channel: Optional[int] = option(None, "conformer_small only: override the CNN branch's stem width (64)",
                                          parse=parse_optional_int)
     channel_ratio: Optional[int] = option(None, "conformer_small only: override the CNN width multiplier (4)",
@@ -125,6 +127,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         _finite("--drop-path", self.drop_path, low=0.0, high=1.0, allow_high=False)
+        if self.patch_size is not None and (self.patch_size <= 0 or 16 % self.patch_size):
+            raise ValueError(f"--patch-size must divide 16 (the image size rule), got {self.patch_size}")
+        if self.patch_size is not None and self.model == "conformer_small":
+            raise ValueError("--patch-size applies to the ViT models, not conformer_small")
         for name in ("embed_dim", "depth", "num_heads", "base_channel", "channel_ratio"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -135,7 +141,7 @@ class ModelConfig:
 
     def overrides(self) -> Dict[str, int]:
         """The size overrides that are set, as ``build_model`` keyword arguments."""
-        names = ("embed_dim", "depth", "num_heads", "base_channel", "channel_ratio")
+        names = ("embed_dim", "depth", "num_heads", "patch_size", "base_channel", "channel_ratio")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 

@@ -71,18 +71,25 @@ def measure_cpu_bf16(width: int = 192, tokens: int = 512, repeats: int = 5) -> t
 
 
 def measure_model_step(model: nn.Module, image_size: int, batch: int = 4, repeats: int = 5,
-                       request=None) -> tuple:
+                       request=None, objective: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
+                       ) -> tuple:
     """(fp32_s, bf16_s): forward+backward of ``model`` itself on a (batch, 3, S, S) CPU input, in fp32 and in
     bf16 autocast, ``repeats`` interleaved pairs. Returned: the median fp32 time and the median fp32 time times
     the median per-pair bf16/fp32 ratio (pairs run back to back see the same machine load, so the ratio is
     robust on a shared machine). Gradients are cleared afterwards and the RNG is untouched (DropPath draws
-    happen inside ``fork_rng``); the parameters do not change."""
+    happen inside ``fork_rng``); the parameters do not change. ``objective(model, x)`` -> the scalar that is
+    back-propagated (default: a stage-one model's class + patch logits summed); callers restore buffers
+    (BatchNorm statistics) themselves when the model has any (``aream_fast.engine.optim.preserve_buffers``)."""
     def once(dtype: Optional[torch.dtype]) -> float:
         ctx = contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
         t0 = time.perf_counter()
         with ctx:
-            out = model(x, request)
-        (out.class_logits.float().sum() + out.patch_logits.float().sum()).backward()
+            if objective is None:
+                out = model(x, request)
+                value = out.class_logits.float().sum() + out.patch_logits.float().sum()
+            else:
+                value = objective(model, x)
+        value.backward()
         return time.perf_counter() - t0
 
     with torch.random.fork_rng(devices=[]):

@@ -43,6 +43,7 @@ class SegConfig:
     embed_dim: Optional[int] = option(None, "ViT width override (tiny runs)", parse=parse_optional_int)
     depth: Optional[int] = option(None, "ViT depth override", parse=parse_optional_int)
     num_heads: Optional[int] = option(None, "ViT heads override", parse=parse_optional_int)
+    patch_size: Optional[int] = option(None, "ViT patch size override (default 16)", parse=parse_optional_int)
     scale_min: float = option(0.5, "random rescale lower bound")
     scale_max: float = option(2.0, "random rescale upper bound")
     hflip: float = option(0.5, "horizontal flip probability")
@@ -65,7 +66,7 @@ class SegConfig:
             raise ValueError(f"--hflip must be a probability, got {self.hflip}")
 
     def model_kwargs(self, image_size: int) -> Dict[str, Any]:
-        kw: Dict[str, Any] = {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads")
+        kw: Dict[str, Any] = {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")
                               if getattr(self, k) is not None}
         if self.seg_model.startswith("vit"):
             kw["img_size"] = image_size
@@ -140,6 +141,19 @@ class SegTask(Task):
             ctx.log(f"pretrained backbone: {report}")
         self.model = model
         return model
+
+    def precision_probe(self):
+        """fp32 vs bf16 autocast of the segmentation model's own forward + backward (BN statistics restored)."""
+        from aream_fast.engine.optim import preserve_buffers
+        from aream_fast.engine.precision import measure_model_step
+
+        def measure():
+            with preserve_buffers(self.model):
+                return measure_model_step(self.model, self.cfg.data.image_size,
+                                          batch=min(8, self.cfg.optim.batch_size),
+                                          objective=lambda model, x: model(x).float().sum())
+
+        return measure
 
     def build_schedule(self, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int):
         from aream_fast.engine.schedule import WarmupPolySchedule

@@ -13,7 +13,7 @@ from tests._scripts import load_script
 
 STAGE1 = ("--epochs 2 --cls-epochs 1 --synthetic-train-size 10 --synthetic-val-size 4 --image-size 32 "
           "--embed-dim 32 --depth 3 --num-heads 2 --batch-size 5")
-SEG = "--epochs 1 --batch-size 5 --image-size 32 --embed-dim 32 --depth 2 --num-heads 2"
+SEG = "--epochs 1 --batch-size 5"
 
 
 @pytest.fixture(autouse=True)
