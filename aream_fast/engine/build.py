@@ -40,7 +40,8 @@ def build_model_from_config(model: ModelConfig, num_classes: int, *, image_size:
     from aream_fast.models import build_model
 
     return build_model(model.model, num_classes, img_size=image_size, drop_path=model.drop_path,
-                       pretrained=pretrained, attention_backend=model.attention_backend, **model.overrides())
+                       pretrained=pretrained, attention_backend=model.attention_backend,
+                       allow_partial_pretrained=model.allow_partial_pretrained, **model.overrides())
 
 
 def build_split(data: DataConfig, root: str, split: str, *, train: bool, native_size: bool = False,
