@@ -334,7 +334,7 @@ class AReAMTask(Task):
 
     def checkpoint_extra(self) -> Dict[str, Any]:
         return {"num_classes": self.num_classes, "class_names": self.class_names,
-                "layer_index": self.split.layer_index}
+                "layer_index": self.split.layer_index, "data_root": self.data_root}  # absolute: make_cams.py
 
     def describe(self) -> str:
         cfg = self.cfg
