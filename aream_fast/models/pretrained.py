@@ -61,6 +61,17 @@ _RNG_STATE_GLOBALS = ("numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._r
                       "numpy.core.multiarray._reconstruct", "numpy.dtypes.UInt32DType")
 
 
+def _unpickler_reason(err: BaseException) -> str:
+    """One line of a ``torch.load`` failure: the weights-only unpickler's own reason, not torch's advice to
+    retry with weights_only=False (wrong for a file that is not a checkpoint, unsafe for a foreign one)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = text.split("Please use", 1)[0]
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
 def _load_weights_only(path: str):
     """``torch.load(weights_only=True)``; when the only foreign objects are numpy RNG state (this project's own
     checkpoint format), again with exactly those classes allowed."""
@@ -97,7 +108,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, Tensor]:
         ckpt = _load_weights_only(path)
     except Exception as err:  # any unpickling failure means: not a (safe) checkpoint; re-raised below
         raise ValueError(f"{path!r} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
-                         f"failed: {type(err).__name__}: {err})") from err
+                         f"failed: {_unpickler_reason(err)})") from err
     if isinstance(ckpt, dict):
         for key in ("model", "state_dict"):
             if key in ckpt and isinstance(ckpt[key], dict):
