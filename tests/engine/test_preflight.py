@@ -107,3 +107,26 @@ def test_triton_attention_on_cpu_falls_back_to_sdpa_and_says_so(train_script, da
     manifest = json.load(open(run_dir / "manifest.json"))
     assert manifest["attention_backend_used"] == "sdpa" and manifest["loss_backend_used"] == "torch"
     assert "--attention-backend triton runs on CUDA only" in (run_dir / "train.log").read_text()
+
+
+def test_pretrained_coverage_is_refused_or_recorded(train_script, data_root, tmp_path, capsys):
+    """issue 15 item 4 through train.py: a file filling 1 tensor is refused with one error line; allowed, its
+    report is logged and kept in manifest.json; the run's own checkpoint.pth then loads as --pretrained."""
+    import torch
+
+    partial = tmp_path / "one.pth"
+    torch.save({"norm.weight": torch.ones(32)}, partial)
+    base = TINY + ["--data-root", data_root, "--no-cams", "--max-steps", "1"]
+    assert main_guard(train_script.main, base + ["--run-dir", str(tmp_path / "a"), "--pretrained", str(partial)]) == 1
+    (line,) = _error_lines(capsys)
+    assert "loaded 1 of the model's" in line and "--allow-partial-pretrained" in line
+    allowed = tmp_path / "b"
+    assert train_script.main(base + ["--run-dir", str(allowed), "--pretrained", str(partial),
+                                     "--allow-partial-pretrained"]) == 0
+    report = json.load(open(allowed / "manifest.json"))["pretrained_report"]
+    assert report["loaded"] == 1 and report["path"] == str(partial) and report["missing_keys"]
+    assert "loaded 1 of the model's" in (allowed / "train.log").read_text()
+    own = tmp_path / "c"
+    assert train_script.main(base + ["--run-dir", str(own), "--pretrained", str(allowed / "checkpoint.pth")]) == 0
+    report = json.load(open(own / "manifest.json"))["pretrained_report"]
+    assert report["loaded"] == report["backbone"] and report["missing_keys"] == []
