@@ -61,7 +61,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     src.add_argument("--png-dir", type=Path, help="folder of <name>.png label maps")
     p.add_argument("--dataset", choices=("synthetic", "voc", "coco"), default="synthetic")
     p.add_argument("--data-root", type=Path, required=True, help="dataset folder (see aream_fast.data.layout)")
-    p.add_argument("--split", default="train", help="split name or list file (official CAM protocol: VOC train)")
+    p.add_argument("--split", default="train",
+                   help="split name or list file (default train: the official CAM protocol on VOC train; the demo "
+                        "train.py scores --cam-split val and writes <run>/cams_val/, so pass --split val for those)")
     p.add_argument("--mask-dir", default=None,
                    help="GT mask folder under the root (default: for VOC, SegmentationClass when it holds "
                         "every listed mask (the official protocol); otherwise SegmentationClassAug if present, "

@@ -25,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pth / checkpoint_best.pth written by train.py")
     p.add_argument("--split", default=None, help="split to process (default: the run's --cam-split)")
-    p.add_argument("--data-root", default=None, help="dataset root (default: the run's)")
-    p.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/cams_<split>")
+    p.add_argument("--data-root", default=None, help="dataset root (default: the run's, as the checkpoint or its "
+                                                     "manifest.json records it; works from any directory)")
+    p.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/cams_<split>; refused inside the "
+                                                   "dataset's image or mask folders")
     p.add_argument("--scales", default=None, help="comma-separated inference scales (default: official 1.0; "
                                                   "0.5,1,1.5 for a Conformer checkpoint, docs/semantics.md)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="skip the flipped view")
@@ -40,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _refuse_dataset_folder(out_dir: str, dataset) -> None:
+    """ValueError when ``out_dir`` is, or lies inside, the split's image folder or a ground-truth mask folder
+    (writing .npy files there would mix CAMs into the dataset), as evaluate.py refuses ground truth."""
+    from pathlib import Path
+
+    from aream_fast.stage2.masks import gt_folders, refuse_gt_folder
+
+    files = dataset.files
+    refuse_gt_folder(Path(out_dir), gt_folders(files.root, files.mask_dir), "--out-dir", "write CAMs into")
+    refuse_gt_folder(Path(out_dir), [Path(files.root) / "JPEGImages"], "--out-dir", "write CAMs into",
+                     kind="image folder")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -49,21 +64,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if scales is not None and (not scales or any(s <= 0 for s in scales)):
         raise SystemExit(f"--scales must be positive, got {args.scales!r}")
 
-    from aream_fast.engine.build import (build_cam_eval_split, build_split, load_model_from_checkpoint,
-                                         resolve_data_root)
+    from aream_fast.engine.build import (build_cam_eval_split, build_split, checkpoint_data_root,
+                                         load_checkpoint_model, resolve_data_root)
     from aream_fast.evaluation.cams import score_cams, write_cams
     from aream_fast.engine.distributed import barrier, cleanup, init_distributed
 
     info = init_distributed(args.device)
     try:
-        model, cfg = load_model_from_checkpoint(args.checkpoint, info.device)
+        model, cfg, ckpt = load_checkpoint_model(args.checkpoint, info.device)
         if scales is None:  # Conformer: infer_conformer.py scales; write_cams pads before flipping for it
             from aream_fast.pseudo_labels.conformer import CONFORMER_INFERENCE_SCALES
 
             scales = CONFORMER_INFERENCE_SCALES if cfg.model.model == "conformer_small" else (1.0,)
         data = cfg.data
-        if args.data_root is not None:
-            data.data_root = args.data_root
+        data.data_root = args.data_root if args.data_root is not None else checkpoint_data_root(
+            args.checkpoint, data, ckpt)
         data.skip_bad_images = args.skip_bad_images or data.skip_bad_images
         split = args.split or cfg.cams.cam_split
         root = resolve_data_root(data, create=False)
@@ -73,6 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             dataset = build_split(data, root, split, train=False, native_size=True)
         out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"cams_{split}")
+        _refuse_dataset_folder(out_dir, dataset)
         n = write_cams(model, dataset, out_dir, scales=scales, flip=args.flip, device=info.device,
                        overlays=args.overlays, rank=info.rank, world_size=info.world_size,
                        progress=info.is_main)

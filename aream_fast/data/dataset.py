@@ -85,6 +85,54 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
+    def _check_header(self, index: int) -> None:
+        """Header only (no decoding): the image opens; its mask opens, is a palette / grayscale PNG of the
+        image's size. Raises CorruptImageError / ValueError naming the file."""
+        from PIL import Image
+
+        def opened(path, what):
+            try:
+                with Image.open(path) as im:
+                    return im.size, im.mode
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{what} file not found: {path}") from None
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: not an image / unknown or cut header
+                raise CorruptImageError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
+
+        size, _ = opened(self.image_paths[index], "image")
+        if self.mask_paths is not None:
+            mask_path = self.mask_paths[index]
+            mask_size, mode = opened(mask_path, "mask")
+            if mode not in ("P", "L", "I", "I;16"):
+                raise CorruptImageError(f"mask {mask_path} has PIL mode {mode!r}; expected a palette ('P') or "
+                                        f"grayscale ('L') PNG of class ids")
+            if mask_size != size:
+                raise ValueError(f"mask {mask_path} has size {mask_size[::-1]}, but image "
+                                 f"{self.image_paths[index]} has size {size[::-1]}")
+
+    def preflight(self, *, full: bool = False, progress: bool = False) -> None:
+        """Check every listed image (and mask) before training starts, so a bad file stops the run before its
+        folder is made instead of mid-epoch: by default each file's header (it opens; a mask's mode, and its
+        size equals the image's); ``full`` (``--full-image-check``) decodes every image and mask and derives
+        its labels. Raises one CorruptImageError naming the first bad files and how many there are."""
+        from tqdm import tqdm
+
+        if self._cache is not None:  # preloaded: every file was decoded in full already
+            return
+        bad: List[str] = []
+        for i in tqdm(range(len(self.names)), desc=f"checking {self.dataset}/{self.split} files",
+                      disable=not progress, leave=False):
+            try:
+                self._read(i) if full else self._check_header(i)
+            except (CorruptImageError, ValueError, OSError) as e:
+                bad.append(str(e))
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise CorruptImageError(
+                f"{len(bad)} of the {len(self.names)} listed files of {self.dataset}/{self.split} fail the "
+                f"{'full decoding' if full else 'header'} check: {'; '.join(bad[:3])}{more} (--skip-bad-images "
+                f"drops undecodable images)")
+
     def load_raw(self, index: int) -> Dict[str, object]:
         """The untransformed sample: image uint8 (H, W, 3), mask uint8 (H, W) or None, label (K,), name."""
         if self._cache is not None:

@@ -107,6 +107,36 @@ class AReAMStep:
         return loss_cls + self.aream_weight * loss_aff, terms
 
 
+def resolve_backends(cfg: TrainConfig, device: torch.device) -> Dict[str, Any]:
+    """What the attention and the affinity loss run on ``device``: {"attention", "loss", "notes": {name: text}}.
+    ``--loss-backend triton`` off CUDA (outside the Triton interpreter) and ``--attention-backend xformers`` on
+    CUDA without xformers installed are refused (``ValueError``); triton/xformers attention off CUDA falls back
+    to SDPA, said in the notes (logged, and the manifest records what runs)."""
+    import importlib.util
+
+    from aream_fast.losses.aream import _interpreting_triton
+
+    cuda = device.type == "cuda"
+    wanted = cfg.model.attention_backend
+    if wanted in ("triton", "xformers") and not cuda:
+        attention = "sdpa"
+        attention_note = f"sdpa (--attention-backend {wanted} runs on CUDA only; this run is on {device})"
+    else:
+        if wanted == "xformers" and importlib.util.find_spec("xformers") is None:
+            raise ValueError("--attention-backend xformers: the xformers package is not installed; use auto, sdpa "
+                             "or triton")
+        attention = "sdpa" if wanted == "auto" else wanted
+        attention_note = attention + (" (--attention-backend auto)" if wanted == "auto" else "")
+    loss = cfg.aream.loss_backend
+    if loss == "triton" and not cuda and not _interpreting_triton():
+        raise ValueError(f"--loss-backend triton needs a CUDA device (this run is on {device}; on CPU only under "
+                         f"TRITON_INTERPRET=1); use --loss-backend auto or torch")
+    if loss == "auto":
+        loss = "triton" if cuda else "torch"
+    return {"attention": attention, "loss": loss,
+            "notes": {"attention": attention_note, "affinity loss backend": loss}}
+
+
 class AReAMTask(Task):
     """Stage one: data, model, pseudo labeler and affinity loss of a :class:`TrainConfig`; val mAP selects the
     best checkpoint; after a finished run, CAM seeds of ``--cam-split`` are written and scored."""
@@ -123,6 +153,10 @@ class AReAMTask(Task):
     # ------------------------------------------------------------------------------------------------ build
     def setup_data(self, ctx: TaskContext) -> None:
         data = self.cfg.data
+        pretrained = self.cfg.model.pretrained
+        if pretrained is not None and not os.path.isfile(pretrained):  # before the run folder is made
+            raise FileNotFoundError(f"--pretrained {pretrained!r} does not exist (aream-fast never downloads "
+                                    f"weights; pass a local timm/DeiT/Conformer checkpoint file)")
         if ctx.dist.is_main:  # rank 0 writes the synthetic cache once
             self.data_root = resolve_data_root(data, create=True, progress=True)
         barrier(ctx.dist)
@@ -131,10 +165,21 @@ class AReAMTask(Task):
         self.train_set = build_split(data, self.data_root, data.train_split, train=True,
                                      progress=ctx.dist.is_main)
         self.val_set = build_split(data, self.data_root, data.val_split, train=False)
+        for split_set in (self.train_set, self.val_set):  # every listed file, before the run folder is made
+            split_set.preflight(full=data.full_image_check, progress=ctx.dist.is_main)
         self.num_classes = int(self.train_set.num_classes)
         self.class_names = list(self.train_set.class_names)
         bad = getattr(self.train_set, "bad_images", []) + getattr(self.val_set, "bad_images", [])
         self.bad_images = bad
+        if self.cfg.cams.make_cams:  # the CAM split is used after training: its list and masks checked now
+            from aream_fast.data.layout import DatasetLayoutError, resolve_split
+
+            try:
+                resolve_split(data.dataset, self.data_root, self.cfg.cams.cam_split, with_masks=True)
+            except DatasetLayoutError as exc:
+                raise DatasetLayoutError(f"--cam-split {self.cfg.cams.cam_split!r} (scored after training; "
+                                         f"--no-cams skips it): {exc}") from exc
+        self.backends = resolve_backends(self.cfg, ctx.device)
 
     def build_model(self, ctx: TaskContext) -> nn.Module:
         from aream_fast.engine.optim import freeze_unused_parameters
@@ -143,6 +188,11 @@ class AReAMTask(Task):
         model = build_model_from_config(cfg.model, self.num_classes, image_size=cfg.data.image_size,
                                         pretrained=cfg.model.pretrained).to(ctx.device)
         self.model = model
+        ctx.log("; ".join(f"{what}: {how}" for what, how in self.backends["notes"].items()))
+        report = getattr(model, "pretrained_report", None)
+        self.pretrained_report = None if report is None else report.as_dict()
+        if report is not None:
+            ctx.log(report.summary())
         self.split = self._layer_split(ctx)
         frozen = freeze_unused_parameters(model, cfg.data.image_size, ctx.device)
         if frozen:
@@ -279,11 +329,12 @@ class AReAMTask(Task):
     def manifest_extra(self) -> Dict[str, Any]:
         return {"data_root": self.data_root, "num_classes": self.num_classes, "class_names": self.class_names,
                 "train_size": len(self.train_set), "val_size": len(self.val_set),
-                "layer_index": self.split.layer_index}
+                "layer_index": self.split.layer_index, "pretrained_report": self.pretrained_report,
+                "attention_backend_used": self.backends["attention"], "loss_backend_used": self.backends["loss"]}
 
     def checkpoint_extra(self) -> Dict[str, Any]:
         return {"num_classes": self.num_classes, "class_names": self.class_names,
-                "layer_index": self.split.layer_index}
+                "layer_index": self.split.layer_index, "data_root": self.data_root}  # absolute: make_cams.py
 
     def describe(self) -> str:
         cfg = self.cfg

@@ -1,8 +1,9 @@
 """Building a run's pieces from its config sections: data root, datasets, model, and a model from a checkpoint."""
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -40,7 +41,8 @@ def build_model_from_config(model: ModelConfig, num_classes: int, *, image_size:
     from aream_fast.models import build_model
 
     return build_model(model.model, num_classes, img_size=image_size, drop_path=model.drop_path,
-                       pretrained=pretrained, attention_backend=model.attention_backend, **model.overrides())
+                       pretrained=pretrained, attention_backend=model.attention_backend,
+                       allow_partial_pretrained=model.allow_partial_pretrained, **model.overrides())
 
 
 def build_split(data: DataConfig, root: str, split: str, *, train: bool, native_size: bool = False,
@@ -73,9 +75,9 @@ def build_cam_eval_split(data: DataConfig, root: str, split: str, *, mask_dir: O
     return build(mask_dir)
 
 
-def load_model_from_checkpoint(path: str, device: Any = "cpu") -> Tuple[nn.Module, TrainConfig]:
-    """(model in eval mode, its TrainConfig) from a stage-one checkpoint (``checkpoint*.pth``; the flat config of
-    older checkpoints is read too). The one checkpoint -> model path of the library and the scripts."""
+def load_checkpoint_model(path: str, device: Any = "cpu") -> Tuple[nn.Module, TrainConfig, Dict[str, Any]]:
+    """(model in eval mode, its TrainConfig, the checkpoint dict without its weights) from a stage-one
+    checkpoint (``checkpoint*.pth``; the flat config of older checkpoints is read too)."""
     from aream_fast.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location=device)
@@ -83,5 +85,48 @@ def load_model_from_checkpoint(path: str, device: Any = "cpu") -> Tuple[nn.Modul
         raise ValueError(f"{path} is not a training checkpoint of this project (no 'model' / 'config' entry)")
     cfg = TrainConfig.from_dict(ckpt["config"], validate=False)
     model = build_model_from_config(cfg.model, int(ckpt["num_classes"]), image_size=cfg.data.image_size)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg
+    model.load_state_dict(ckpt.pop("model"))
+    return model.to(device).eval(), cfg, ckpt
+
+
+def load_model_from_checkpoint(path: str, device: Any = "cpu") -> Tuple[nn.Module, TrainConfig]:
+    """(model in eval mode, its TrainConfig) from a stage-one checkpoint (``checkpoint*.pth``; the flat config of
+    older checkpoints is read too). The one checkpoint -> model path of the library and the scripts."""
+    model, cfg, _ = load_checkpoint_model(path, device)
+    return model, cfg
+
+
+def checkpoint_data_root(checkpoint: str, data: DataConfig, ckpt: Mapping[str, Any]) -> str:
+    """The absolute dataset root of the run that wrote ``checkpoint``, from any working directory: the absolute
+    root the checkpoint stores (since issue 15), else the ``data_root`` of the run's manifest.json next to it,
+    else the config's root (``--data-root``, or the default synthetic cache) when absolute, or tried relative to
+    the working directory and to each folder above the checkpoint (runs/<name>/<stamp>/ lies under the folder
+    training ran in). ``FileNotFoundError`` listing every place looked at when none is a folder."""
+    candidates = []
+    if ckpt.get("data_root"):
+        candidates.append(str(ckpt["data_root"]))
+    manifest = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "manifest.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as fh:
+                stored = json.load(fh).get("data_root")
+        except (OSError, ValueError):
+            stored = None
+        if stored:
+            candidates.append(str(stored))
+    root = data.data_root or (synthetic_root(data) if data.dataset == "synthetic" else None)
+    if root is not None:
+        if os.path.isabs(root):
+            candidates.append(root)
+        else:
+            candidates.append(os.path.abspath(root))
+            folder = os.path.dirname(os.path.abspath(checkpoint))
+            for _ in range(4):
+                folder = os.path.dirname(folder)
+                candidates.append(os.path.join(folder, root))
+    seen = list(dict.fromkeys(candidates))
+    for candidate in seen:
+        if os.path.isdir(candidate):
+            return os.path.abspath(candidate)
+    raise FileNotFoundError(f"the dataset root of checkpoint {checkpoint} was not found; looked in: "
+                            f"{', '.join(seen) or '(nothing recorded)'}; pass --data-root")

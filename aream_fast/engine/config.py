@@ -75,7 +75,9 @@ class DataConfig:
     TITLE = "data"
     dataset: str = option("synthetic", "dataset layout", choices=("synthetic", "voc", "coco"))
     data_root: Optional[str] = option(None, "dataset root; synthetic: default data_cache/synthetic-v1-n<train>-<val>"
-                                            "-s<size>-seed0 (written once)")
+                                            "-s<size>-seed0 from --synthetic-train-size, --synthetic-val-size and "
+                                            "--image-size (the demo's: data_cache/synthetic-v1-n400-64-s96-seed0), "
+                                            "written once")
     train_split: str = option("train", "training split")
     val_split: str = option("val", "split for per-epoch validation (best checkpoint)")
     synthetic_train_size: int = option(400, "synthetic dataset: number of train images")
@@ -485,11 +487,16 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: Type[SectionedCon
             help_text = md.get("help", "")
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             if kind == "bool":
-                action = "store_false" if f.default is True else "store_true"
-                group.add_argument(flag, dest=f.name, action=action, help=help_text)
+                on = getattr(section_defaults, f.name) is True
+                if on and flag not in help_text:  # a negated flag: say that giving it turns the behaviour off
+                    help_text = f"{help_text}; on by default, {flag} turns it off"
+                group.add_argument(flag, dest=f.name, action="store_false" if on else "store_true", help=help_text)
                 continue
+            # a help text that states its own default (e.g. "default runs/<run-name>/<timestamp>") gets no
+            # "(default: None)" after it
+            shown = "" if "default" in help_text.lower() else " (default: %(default)s)"
             kw: Dict[str, Any] = {"dest": f.name, "default": getattr(section_defaults, f.name),
-                                  "help": help_text + " (default: %(default)s)"}
+                                  "help": help_text + shown}
             if md.get("parse") is not None:
                 kw["type"] = md["parse"]
             elif kind in ("int", "float"):

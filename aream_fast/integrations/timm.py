@@ -23,6 +23,7 @@ from __future__ import annotations
 import types
 from typing import Dict, Iterable, List, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -73,6 +74,7 @@ class AReAMRecorder:
         self.supervised_layers = tuple(supervised_layers)
         self.defer_loss_grad = bool(defer_loss_grad)
         self._grads = None  # DeferredGrads of the last forward (defer_loss_grad)
+        self._with_grad = False  # the records come from a grad-enabled forward
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self._q: Dict[int, Tensor] = {}
         self._k: Dict[int, Tensor] = {}
@@ -83,7 +85,14 @@ class AReAMRecorder:
         self.scale = scales.pop()
 
     def _record(self, layer: int, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
-        """Keep q, k of a supervised block; returns the q, k the block's attention must use."""
+        """Keep q, k of a supervised block; returns the q, k the block's attention must use.
+
+        A forward without autograd (``torch.no_grad()``: pseudo labels, evaluation) does not replace the records
+        of a grad-enabled forward, so ``loss()`` after it still differentiates into the training forward."""
+        with_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        if not with_grad and self._with_grad:
+            return q, k
+        self._with_grad = with_grad
         self._q[layer] = q
         self._k[layer] = k
         if not self.defer_loss_grad:
@@ -105,12 +114,12 @@ class AReAMRecorder:
 
     @property
     def qs(self) -> List[Tensor]:
-        """Recorded queries of the last forward, one (B, H, N, d) tensor per supervised layer."""
+        """Recorded queries of the last (grad-enabled) forward, one (B, H, N, d) tensor per supervised layer."""
         return self._recorded(self._q, "qs")
 
     @property
     def ks(self) -> List[Tensor]:
-        """Recorded keys of the last forward, one (B, H, N, d) tensor per supervised layer."""
+        """Recorded keys of the last (grad-enabled) forward, one (B, H, N, d) tensor per supervised layer."""
         return self._recorded(self._k, "ks")
 
     def clear(self) -> None:
@@ -118,6 +127,7 @@ class AReAMRecorder:
         self._q.clear()
         self._k.clear()
         self._grads = None
+        self._with_grad = False
 
     def loss(self, patch_labels: Tensor, **kwargs) -> Tensor:
         """``aream_loss(self.qs, self.ks, patch_labels, scale=model scale, num_prefix_tokens=model C, **kwargs)``.
@@ -128,6 +138,12 @@ class AReAMRecorder:
         """
         from aream_fast.losses.aream import aream_loss
 
+        if (torch.is_grad_enabled() and not self._with_grad and self._q
+                and any(p.requires_grad for p in self.model.parameters())):
+            raise RuntimeError("the recorded q, k come from a forward without autograd (torch.no_grad() or "
+                               "inference_mode), so the AReAM loss would have no gradient: run the training "
+                               "forward with grad enabled before recorder.loss() (a no-grad forward after it is "
+                               "fine: it keeps the training forward's records)")
         if self.defer_loss_grad:
             from aream_fast.losses.deferred import deferred_aream_loss
 
@@ -160,8 +176,8 @@ def apply_aream_to_timm(model: nn.Module, supervised_layers: Iterable[int],
     """Patch a timm ``VisionTransformer`` in place for AReAM and return its recorder.
 
     Every block's ``attn`` (a ``timm.layers.Attention``) is switched to an SDPA forward with the same output;
-    blocks in ``supervised_layers`` also record their q, k (B, H, N, d) on each forward (the last forward
-    wins). Undo with ``recorder.remove()``.
+    blocks in ``supervised_layers`` also record their q, k (B, H, N, d) on each forward (the last
+    grad-enabled forward wins: a ``torch.no_grad()`` forward in between does not replace its records). Undo with ``recorder.remove()``.
 
     Args:
         model: a ``timm.models.VisionTransformer`` (any size, class / register tokens allowed).

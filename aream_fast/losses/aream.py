@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from aream_fast.models.records import as_layer_list, check_int_tensor
+from aream_fast.models.records import as_layer_list, check_int_tensor, refuse_double_backward
 
 from aream_fast.losses.tiled import aream_loss_tiled
 
@@ -41,6 +41,27 @@ def _check_finite(t: Tensor, name: str) -> None:
         return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} (shape {tuple(t.shape)}) contains NaN or infinite values")
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the 0-dim loss whose backward refuses ``create_graph=True`` (both backends compute the q / k
+    gradients in closed form, so a double backward would silently see zero second-order terms)."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor) -> Tensor:
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        refuse_double_backward("aream_loss")
+        return grad
+
+
+def _first_order_only(loss: Tensor) -> Tensor:
+    # eager only: torch.compile traces the op's registered autograd, and never runs a double backward
+    if loss.requires_grad and not torch.compiler.is_compiling():
+        return _FirstOrderOnly.apply(loss)
+    return loss
 
 
 def _validate(
@@ -198,14 +219,14 @@ def aream_loss(
         q = qs if isinstance(qs, Tensor) else torch.stack(q_list)
         k = ks if isinstance(ks, Tensor) else torch.stack(k_list)
         w = None if layer_weights is None else weights.to(device=device, dtype=torch.float32)
-        return aream_loss_triton(
+        return _first_order_only(aream_loss_triton(
             q, k, labels, scale=float(scale), num_prefix_tokens=num_prefix_tokens, layer_weights=w,
             ignore_index=ignore_index,
-        )
-    return aream_loss_tiled(
+        ))
+    return _first_order_only(aream_loss_tiled(
         q_list, k_list, labels, scale=float(scale), num_prefix_tokens=num_prefix_tokens,
         layer_weights=weights, ignore_index=ignore_index,
-    )
+    ))
 
 
 class AReAMLoss(nn.Module):

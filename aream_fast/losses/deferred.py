@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from aream_fast.models.records import acc_dtype
+from aream_fast.models.records import acc_dtype, refuse_double_backward
 
 __all__ = ["DeferredGrads", "deferred_aream_loss"]
 
@@ -82,6 +82,7 @@ class _DeferredGrad(torch.autograd.Function):
         config = ctx.slot.config
         if grad_anchor is None or config is None:  # the deferred loss was not used in this backward
             return grad_q, grad_k, None, None
+        refuse_double_backward("deferred AReAM loss (--loss-grad layer / defer_loss_grad)")
         q, k = ctx.saved_tensors
         dq, dk = _layer_grads(q.detach(), k.detach(), config, ctx.layer)
         dq.mul_(grad_anchor.to(dq.dtype))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aream_fast.models.attention import check_backend
-from aream_fast.models.pretrained import LoadReport, logger, read_state_dict
+from aream_fast.models.pretrained import LoadReport, backbone_coverage, logger, read_state_dict
 from aream_fast.models.vit import Block, WSSSViT
 from aream_fast.models.records import AttentionRecords, AttentionRequest, ViTOutput
 
@@ -308,7 +308,8 @@ class Conformer(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def load_conformer_pretrained(model: Conformer, path: Union[str, os.PathLike]) -> LoadReport:
+def load_conformer_pretrained(model: Conformer, path: Union[str, os.PathLike], *,
+                              allow_partial: bool = False) -> LoadReport:
     """Load a local Conformer checkpoint in the official layout (e.g. ImageNet ``conformer_small``).
 
     Official rule (main_voc_conformer.py): every key containing "head" is dropped (``conv_cls_head``,
@@ -327,14 +328,15 @@ def load_conformer_pretrained(model: Conformer, path: Union[str, os.PathLike]) -
         if key in own and own[key].shape != value.shape:
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} in the checkpoint but "
                              f"{tuple(own[key].shape)} in the model (wrong Conformer architecture?)")
-    wanted = [k for k in own if "head" not in k]
-    shared = sum(k in state for k in wanted)
-    if 2 * shared < len(wanted):
-        raise ValueError(f"{path!r} holds only {shared} of the model's {len(wanted)} non-head Conformer "
-                         f"parameters: not a Conformer checkpoint of this architecture")
-    result = model.load_state_dict(state, strict=False)
-    report = LoadReport(path=path, missing_keys=list(result.missing_keys),
-                        unexpected_keys=list(result.unexpected_keys), dropped_keys=dropped, adapted_keys=[])
+    loaded, backbone = backbone_coverage(own, state, lambda k: "head" in k)
+    report = LoadReport(path=path, missing_keys=[k for k in own if k not in state],
+                        unexpected_keys=[k for k in state if k not in own], dropped_keys=dropped, adapted_keys=[],
+                        loaded=loaded, backbone=backbone)
+    if not allow_partial and 2 * loaded < backbone:
+        raise ValueError(f"{path!r} holds only {loaded} of the model's {backbone} non-head Conformer "
+                         f"parameters: not a Conformer checkpoint of this architecture (pass "
+                         f"--allow-partial-pretrained to load it anyway)")
+    model.load_state_dict(state, strict=False)
     logger.info("loaded %s: missing keys %s, unexpected keys %s, dropped %s", path, report.missing_keys,
                 report.unexpected_keys, dropped)
     return report

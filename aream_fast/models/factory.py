@@ -31,12 +31,14 @@ _CONFORMER_OVERRIDABLE = ("base_channel", "channel_ratio", "embed_dim", "depth",
 
 def build_model(name: str, num_classes: int, img_size: Union[int, Tuple[int, int]] = 224, drop_path: float = 0.1,
                 pretrained: Optional[Union[str, os.PathLike]] = None, attention_backend: str = "auto",
-                **overrides: Any) -> nn.Module:
+                allow_partial_pretrained: bool = False, **overrides: Any) -> nn.Module:
     """Build "mct_deit_small", "mct_deit_base", "vit_small", "vit_base" or "conformer_small".
 
     num_classes: K foreground classes (= C class tokens for the MCT models). img_size: training size (int or
     (H, W), multiple of 16): sets the stored position-embedding grid. drop_path: stochastic-depth rate of the
-    last block (linear from 0). pretrained: path of a local timm/DeiT checkpoint (``load_pretrained``).
+    last block (linear from 0). pretrained: path of a local timm/DeiT checkpoint (``load_pretrained``; its
+    ``LoadReport`` is kept as ``model.pretrained_report``); allow_partial_pretrained: accept a file that fills
+    fewer than half of the backbone's tensors.
     attention_backend: "auto" (= "sdpa"), "sdpa", "triton" or "xformers" (the latter two CUDA only).
     overrides: architecture fields for tiny test models (embed_dim, depth, num_heads, mlp_ratio, patch_size,
     in_chans). "conformer_small": img_size is only checked and kept (no position embedding); overrides base_channel,
@@ -57,7 +59,8 @@ def build_model(name: str, num_classes: int, img_size: Union[int, Tuple[int, int
                           **{**CONFORMER_CONFIGS[name], **overrides})
         model.model_name = name
         if pretrained is not None:
-            load_conformer_pretrained(model, pretrained)
+            model.pretrained_report = load_conformer_pretrained(model, pretrained,
+                                                                allow_partial=allow_partial_pretrained)
         return model
     if name not in MODEL_CONFIGS:
         choices = sorted(MODEL_CONFIGS) + sorted(CONFORMER_CONFIGS)
@@ -71,5 +74,5 @@ def build_model(name: str, num_classes: int, img_size: Union[int, Tuple[int, int
                     attention_backend=attention_backend, **arch)
     model.model_name = name
     if pretrained is not None:
-        load_pretrained(model, pretrained)
+        model.pretrained_report = load_pretrained(model, pretrained, allow_partial=allow_partial_pretrained)
     return model

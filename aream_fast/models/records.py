@@ -118,6 +118,18 @@ class LayerSplit(NamedTuple):
         return tuple(range(self.depth))
 
 
+def refuse_double_backward(what: str) -> None:
+    """Call at the top of an AReAM loss backward: a backward with ``create_graph=True`` (double backward, e.g.
+    a gradient penalty) raises instead of silently returning first-order gradients whose own gradient is
+    zero (the loss's gradients are computed in closed form, not by differentiable ops). Under torch.compile
+    the traced backward is never a double backward, so nothing is checked there."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{what}: double backward (create_graph=True) is not supported: its q / k gradients "
+                           f"are computed in closed form and have no gradient themselves; use "
+                           f"aream_fast.official.loss.aream_loss_reference on materialised logits for "
+                           f"higher-order gradients")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the torch paths: float64 for float64 inputs (gradcheck), float32 otherwise (fp16 /
     bf16 / fp32 inputs accumulate in fp32). The Triton kernels in ``kernels/`` keep their own launcher copy."""

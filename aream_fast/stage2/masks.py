@@ -115,14 +115,16 @@ def gt_folders(root: Path, mask_dir: Optional[Path] = None) -> List[Path]:
     return out
 
 
-def refuse_gt_folder(path: Path, gt_dirs: Sequence[Path], what: str, action: str) -> None:
+def refuse_gt_folder(path: Path, gt_dirs: Sequence[Path], what: str, action: str,
+                     kind: str = "ground-truth folder") -> None:
     """ValueError when ``path`` is, or lies inside, one of ``gt_dirs`` (symlinks resolved). ``what`` names the
-    folder in the message ("CAM folder"), ``action`` what was refused ("read CAMs from")."""
+    folder in the message ("CAM folder"), ``action`` what was refused ("read CAMs from"), ``kind`` the folders
+    refused ("image folder")."""
     real = Path(os.path.realpath(path))
     for g in gt_dirs:
         g_real = Path(os.path.realpath(g))
         if real == g_real or g_real in real.parents:
-            raise ValueError(f"{what} {path} is (or is inside) the ground-truth folder {g}; refusing to {action} it")
+            raise ValueError(f"{what} {path} is (or is inside) the {kind} {g}; refusing to {action} it")
 
 
 def best_threshold_from(cam_dir: Path, split: str) -> Tuple[float, str]:

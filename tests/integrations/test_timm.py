@@ -121,3 +121,36 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="already patched"):
         apply_aream_to_timm(model, [1])
     recorder.remove()
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_a_no_grad_forward_before_the_loss_keeps_the_training_records(defer):
+    """issue 15 item 5: a torch.no_grad() forward (e.g. pseudo labels) between the training forward and
+    recorder.loss() must not leave the loss without gradient."""
+    model = tiny_vit().train()
+    recorder = apply_aream_to_timm(model, [1, 2], defer_loss_grad=defer)
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 5, (2, 16))
+    model(images)
+    expected = recorder.loss(labels).detach()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    loss = recorder.loss(labels)
+    assert loss.requires_grad
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert model.blocks[1].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_a_loss_from_a_no_grad_forward_only_is_a_clear_error():
+    model = tiny_vit()
+    recorder = apply_aream_to_timm(model, [2])
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+        recorder.loss(torch.randint(0, 5, (2, 16)))  # a value under no_grad is fine
+    with pytest.raises(RuntimeError, match="forward without autograd"):
+        recorder.loss(torch.randint(0, 5, (2, 16)))
+    recorder.clear()
+    model(torch.randn(2, 3, 32, 32))
+    assert recorder.loss(torch.randint(0, 5, (2, 16))).requires_grad

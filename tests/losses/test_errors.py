@@ -126,3 +126,32 @@ def test_numpy_scalar_scale_is_accepted_and_bool_refused():
     torch.testing.assert_close(call(qs, ks, labels, scale=np.float32(0.5)), call(qs, ks, labels, scale=0.5))
     with pytest.raises(ValueError, match="scale must be a positive finite"):
         call(qs, ks, labels, scale=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_is_a_clear_error(backend, monkeypatch):
+    """issue 15 item 6: create_graph=True through aream_loss raises instead of zero second-order terms."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors run the kernel in Triton's interpreter
+    torch.manual_seed(0)
+    qs, ks, labels = inputs(head_dim=16, layers=1)
+    q = qs[0].requires_grad_()
+    loss = call([q], ks, labels, backend=backend)
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(loss, q, create_graph=True)
+    (grad,) = torch.autograd.grad(call([q], ks, labels, backend=backend), q)  # first order is unchanged
+    assert grad.abs().sum() > 0
+
+
+def test_double_backward_through_the_deferred_loss_is_a_clear_error():
+    from aream_fast.losses.deferred import DeferredGrads, deferred_aream_loss
+
+    torch.manual_seed(0)
+    qs, ks, labels = inputs(layers=1)
+    q = qs[0].requires_grad_()
+    grads = DeferredGrads()
+    q_used, k_used = grads.attach(0, q, ks[0])
+    loss = deferred_aream_loss(grads, labels, scale=0.5, num_prefix_tokens=1, backend="torch")
+    total = loss + 0.0 * (q_used.sum() + k_used.sum())  # the attention's use of q, k
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(total, q, create_graph=True)

@@ -178,3 +178,23 @@ def test_cam_eval_split_uses_segmentation_class_for_voc(tmp_path):
         "SegmentationClassAug"
     (root / "SegmentationClass" / "a.png").unlink()  # Class lacks a mask: fall back to Aug
     assert build_cam_eval_split(cfg, str(root), "train").files.mask_dir.name == "SegmentationClassAug"
+
+
+def test_a_cam_holding_nan_is_refused_naming_the_file(setup, tmp_path, capsys):
+    """issue 15 item 6: a NaN in one CAM file stops the sweep with one error line naming that file."""
+    from aream_fast.engine.errors import main_guard
+
+    ev, root, cam_dir, data, base = setup
+    nan_dir = tmp_path / "nan"
+    shutil.copytree(cam_dir, nan_dir)
+    victim = sorted(nan_dir.glob("*.npy"))[1]
+    keys, cams, _ = data[victim.stem]
+    cams = cams.copy()
+    cams[0, 3, 4] = np.nan
+    np.save(victim, {"key": keys, "cam": cams}, allow_pickle=True)
+    status = main_guard(ev.main, ["--cam-dir", str(nan_dir), "--data-root", str(root), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert victim.name in line and "NaN" in line
+    assert not (nan_dir / "eval_train.json").exists()
