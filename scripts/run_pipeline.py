@@ -51,7 +51,13 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming it")
     p.add_argument("--seed", type=int, default=0, help="seed of both trainings")
     p.add_argument("--no-aream", action="store_true", help="stage one without the AReAM loss (cls-only)")
-    p.add_argument("--stage1-args", default="", help="extra train.py arguments, one string")
+    p.add_argument("--model", default="vit_small",
+                   help="stage-one model (default vit_small: measured best for the synthetic demo, "
+                        "benchmarks/RESULTS.md; the official AReAM system is mct_deit_small)")
+    p.add_argument("--patch-size", type=int, default=8,
+                   help="stage-one ViT patch size (default 8: a 12 x 12 token grid at the demo's 96 px; measured, "
+                        "benchmarks/RESULTS.md; the official models use 16); the segmentation network inherits it")
+    p.add_argument("--stage1-args", default="", help="extra train.py arguments, one string (they win)")
     p.add_argument("--seg-args", default="", help="extra train_seg.py arguments (both trainings), one string")
     p.add_argument("--mask-crf", default="cam", help="CRF preset of the pseudo masks (official CAM CRF: cam)")
     p.add_argument("--random-walk", default="aream", help="random-walk preset of the pseudo masks")
@@ -124,7 +130,8 @@ class Pipeline:
         a = self.args
         run_dir = self.out / "stage1"
         cmd = self.script("train.py", *self.train_flags(), "--run-dir", str(run_dir), "--resume", "auto",
-                          "--cam-split", "train", "--seed", str(a.seed), *self.device(),
+                          "--cam-split", "train", "--seed", str(a.seed), "--model", a.model,
+                          "--patch-size", str(a.patch_size), *self.device(),
                           *(["--no-aream"] if a.no_aream else []), *shlex.split(a.stage1_args))
         self.step("stage one (train.py)", cmd, self.finished(run_dir))
         manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -230,3 +230,35 @@ def test_pseudo_from_forward_run_with_cams(data_root, tmp_path):
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["status"] == "finished" and 0.0 <= summary["cam_mIoU"] <= 1.0
     assert len([f for f in os.listdir(os.path.join(run_dir, "cams_val")) if f.endswith(".npy")]) == 4
+
+
+@pytest.mark.slow
+def test_amp_compile_and_torchrun(data_root, tmp_path):
+    """The Conformer-S trains like the ViT models under --amp --compile (no recompiles after warm-up; the
+    aot_eager backend traces the same graphs as inductor without its minutes of CPU code generation, which
+    tests/engine/test_train.py covers for the ViT) and under torchrun with two gloo processes (DDP over its BN
+    layers and both branches)."""
+    import subprocess
+    import sys
+
+    run_dir = str(tmp_path / "compiled")
+    assert _load_script("train").main(TINY + ["--data-root", data_root, "--run-dir", run_dir, "--no-cams",
+                                              "--amp", "--compile", "--compile-backend", "aot_eager"]) == 0
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["status"] == "finished" and summary["compile_stats"] is not None
+    assert summary["compile_stats"]["graphs_after_warmup"] == summary["compile_stats"]["unique_graphs"]
+    assert all(np.isfinite(r["loss"]) for r in _step_rows(run_dir).values())
+    assert json.load(open(os.path.join(run_dir, "manifest.json")))["precision"] in ("fp32", "bfloat16")
+
+    ddp = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "scripts", "train.py")] + TINY + ["--data-root", data_root, "--run-dir", ddp,
+                                                                "--no-cams", "--device", "cpu", "--batch-size", "2"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.load(open(os.path.join(ddp, "manifest.json")))
+    assert manifest["world_size"] == 2 and manifest["task"] == "ConformerTask"
+    rows = _step_rows(ddp)
+    assert sorted(rows) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows.values())
+    assert all(r["loss_aff"] > 0 for s, r in rows.items() if s > 2)
