@@ -14,7 +14,7 @@ picks a subset, the baseline first); ratios are against ``deeplabv3_resnet101``
 
 Time: AREAM_BENCH_SEG_ROUNDS timed rounds (CPU 1, CUDA 5) after AREAM_BENCH_SEG_WARMUP warm-up rounds (CPU 0,
 CUDA 2). Peak memory: a fresh spawned process per case, peak RSS (CUDA: max allocated) above the memory in use
-after the build (``_memory.peak_memory_spawn``), so parameters are excluded and optimizer state is included.
+after the build (``benchmarks.memory.peak_memory_spawn``), so parameters are excluded and optimizer state is included.
 
 Run: ``.venv/bin/python -m pytest benchmarks/test_bench_seg.py --benchmark-only -s``
 """
