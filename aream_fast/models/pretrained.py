@@ -128,6 +128,16 @@ def _resize_grid(patch_pos: Tensor, old: tuple, new: tuple) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], d).to(patch_pos.dtype)
 
 
+def _token_tensor(state: Dict[str, Tensor], key: str, model: nn.Module, path) -> Tensor:
+    """``state[key]`` (cls_token / pos_embed), checked to be (1, n, embed_dim); else a ValueError with the
+    architecture hint."""
+    t = state[key]
+    if t.dim() != 3 or t.shape[-1] != model.embed_dim:
+        raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, expected (1, n, {model.embed_dim})."
+                         + architecture_hint(model, state))
+    return t
+
+
 def architecture_hint(model: nn.Module, state: Dict[str, Tensor]) -> str:
     """'' or a sentence saying how the checkpoint's width / depth differ from the model's and which flags fix it."""
     width = next((state[k].shape[-1] for k in ("cls_token", "pos_embed") if k in state and state[k].dim() == 3),
@@ -161,10 +171,7 @@ def adapt_state_dict(model: nn.Module, state: Dict[str, Tensor], path: str = "<s
             del state[key]
     ckpt_prefix = None
     if "cls_token" in state:
-        tok = state["cls_token"]
-        if tok.dim() != 3 or tok.shape[-1] != model.embed_dim:
-            raise ValueError(f"{path}: cls_token has shape {tuple(tok.shape)}, expected (1, n, {model.embed_dim})."
-                             + architecture_hint(model, state))
+        tok = _token_tensor(state, "cls_token", model, path)
         ckpt_prefix = tok.shape[1]
         if tok.shape[1] != c:
             if tok.shape[1] != 1:
@@ -172,10 +179,7 @@ def adapt_state_dict(model: nn.Module, state: Dict[str, Tensor], path: str = "<s
             state["cls_token"] = tok.repeat(1, c, 1)
             adapted.append("cls_token")
     if "pos_embed" in state:
-        pos = state["pos_embed"]
-        if pos.dim() != 3 or pos.shape[-1] != model.embed_dim:
-            raise ValueError(f"{path}: pos_embed has shape {tuple(pos.shape)}, expected (1, n, {model.embed_dim})."
-                             + architecture_hint(model, state))
+        pos = _token_tensor(state, "pos_embed", model, path)
         n = pos.shape[1]
         if ckpt_prefix is None:  # infer the prefix count: the rest must be a square patch grid
             ckpt_prefix = next((p for p in (1, c, 0, 2) if n - p > 0 and math.isqrt(n - p) ** 2 == n - p), None)
