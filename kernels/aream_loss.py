@@ -2,8 +2,8 @@
 
 Layout follows Liger-Kernel (kernels + launchers + autograd registration in one file).
 
-Math (official AReAM, Jessie459/AReAM ``main_voc_mctformer.py`` / ``losses.py``; spec §2, DESIGN "The one
-idea"). For every supervised layer l, image b, patches i, j (token index C + i, C = num_prefix_tokens)::
+Math (official AReAM, Jessie459/AReAM ``main_voc_mctformer.py`` / ``losses.py``; docs/semantics.md,
+"Affinity loss" and "Fast path"). For every supervised layer l, image b, patches i, j (token index C + i, C = num_prefix_tokens)::
 
     S_ij   = sigmoid((scale / H) * sum_h q_h[C+i] . k_h[C+j])            head-mean logits, then sigmoid
     coef_ij = -a  if y_i == y_j (both valid),  +b if y_i != y_j (both valid),  0 if either is ignore_index
@@ -58,11 +58,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import acc_dtype as _acc_dtype, interpreting, pair_counts_sorted as _pair_counts
 from .flash_attention import _dot_precision as _attention_dot_precision
 
 __all__ = ["aream_loss_triton", "aream_layer_grads_triton"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()
 _SKIP_AUTOTUNE = _INTERPRET or os.environ.get("AREAM_FAST_SKIP_AUTOTUNE", "0") == "1"
 _PIN_ENV = "AREAM_FAST_LOSS_CONFIG"
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) used with AREAM_FAST_SKIP_AUTOTUNE=1 on a GPU
@@ -321,11 +322,6 @@ def _grad_operands(dtype: torch.dtype):
     return _tl_acc_dtype(dtype), _dot_precision(dtype)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp32 accumulation for fp16/bf16/fp32; fp64 inputs (gradcheck under the interpreter) accumulate in fp64
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tl_acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -444,21 +440,6 @@ def _backward(ctx, grad_layers):
 _aream_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _pair_counts(patch_labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch-global (n_pos, n_neg) with the +1 of the official code (DESIGN "The one idea" item 2), as int64
-    0-dim tensors. sum_c m_bc^2 = sum over valid i of (#j in image b with y_j == y_i), counted with a sort and
-    two searchsorted calls: static shapes, no host sync, no bincount with a data-dependent output size
-    (which torch.compile(fullgraph=True) cannot trace), and no P x P mask."""
-    valid = patch_labels != ignore_index
-    sorted_labels, _ = torch.sort(patch_labels, dim=1)
-    same_count = (torch.searchsorted(sorted_labels, patch_labels, right=True)
-                  - torch.searchsorted(sorted_labels, patch_labels, right=False))
-    n_pos_pairs = (same_count * valid).sum()
-    n_valid = valid.sum(dim=1)
-    n_all_pairs = (n_valid * n_valid).sum()
-    return n_pos_pairs + 1, n_all_pairs - n_pos_pairs + 1
-
-
 def _check_inputs(q, k, patch_labels, num_prefix_tokens, layer_weights):
     if q.dim() != 5:
         raise ValueError(f"q must be stacked (L, B, H, N, d); got shape {tuple(q.shape)}")
@@ -500,7 +481,7 @@ def aream_loss_triton(
     layer_weights: torch.Tensor | None = None,
     ignore_index: int = 255,
 ) -> torch.Tensor:
-    """Fused AReAM affinity loss (official formulation, spec §2) from stacked queries and keys.
+    """Fused AReAM affinity loss (official formulation, docs/semantics.md, "Affinity loss") from stacked queries and keys.
 
     Args:
         q, k: (L, B, H, N, d) queries / keys of the L supervised layers, float16/bfloat16/float32 (float64 too,

@@ -5,13 +5,13 @@ One file holds the kernels, the host launchers and the ``torch.library`` ops (Li
 * ``flash_attention(q, k, v, *, scale, num_prefix_tokens=0, return_lse=False, return_class_attention=False)``
   FlashAttention-2 forward (online softmax in the exp2 domain, Triton tutorial 06 "fused attention") that writes
   O (B, H, N, d) and the row log-sum-exp (B, H, N) fp32 (natural log). A cheap second kernel reuses the LSE to
-  write the head-mean class-token rows over the patch columns (B, C, P) fp32 (DESIGN.md item 6). The backward
+  write the head-mean class-token rows over the patch columns (B, C, P) fp32 (docs/semantics.md, Fast path item 6). The backward
   (w.r.t. q, k, v, and the LSE) recomputes P from the saved LSE: Delta preprocess, one dK/dV kernel (program
   per key block looping over query blocks) and one dQ kernel (program per query block) — no atomics, so the
   gradients are deterministic (tutorial 06 / flash-attn ``_bwd_kernel_one_col_block``).
 * ``attention_apply_triton(q, k, lse, values, *, scale, num_prefix_tokens, layer_weights=None)`` -> (B, K, P)
   fp32: the mean over layers (weighted, 1/L, not renormalised) and heads of softmax(scale q kᵀ)[C:, C:] @ valuesᵀ
-  computed from the saved LSE in one launch, with no online softmax and no N×N matrix (DESIGN.md item 5, CAM
+  computed from the saved LSE in one launch, with no online softmax and no N×N matrix (docs/semantics.md, Fast path item 5, CAM
   refinement).
 
 Ragged sequence lengths (N = 197, 785, odd tiny N) are handled flash-attn style: full tiles run unmasked and only
@@ -27,7 +27,7 @@ Every kept config compiles for sm_90 without spills (checked without a GPU: ``ma
 tests/kernels/test_kernel_compile_sm90.py).
 
 CPU tensors are accepted only under ``TRITON_INTERPRET=1`` (tests). ``torch.compile`` of these ops needs CUDA
-(DESIGN.md "Backends"): pick the backend in Python before calling them.
+(docs/semantics.md, Fast path: backends dispatch on the device): pick the backend in Python before calling them.
 """
 from __future__ import annotations
 
@@ -39,16 +39,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import interpreting as _interpreting
+
 __all__ = ["flash_attention", "attention_apply_triton", "class_attention_from_lse"]
 
 # log2(e): exp(x) = exp2(x * log2(e)). Inside the kernels it is written as the literal 1.4426950408889634 and
 # ln(2) as 0.6931471805599453 (a plain Python global is not a constexpr there).
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 128
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Read once at import (conftest.py sets both before anything imports triton).
@@ -59,7 +57,7 @@ _SKIP_AUTOTUNE = os.environ.get("AREAM_FAST_SKIP_AUTOTUNE", "0") == "1" or _inte
 # Autotune configurations
 # ----------------------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, from the sm_90 ahead-of-time review
-# (../shared/reference/kernel_review.md P4; checked for spills and wgmma at the training shape by
+# (benchmarks/RESULTS.md, "sm_90 ahead-of-time compile"; checked for spills and wgmma at the training shape by
 # tests/kernels/test_kernel_compile_sm90.py). 128x64 with 4 warps spills in both backward kernels. In dK/dV the
 # owned key block is BLOCK_N and must be >= 64 for wgmma (tutorial 06 owns 128 keys and loops over 32 queries).
 _FWD_TILES = ([(bm, bn, 4, s) for bm in (64, 128) for bn in (32, 64) for s in (2, 3, 4)]
@@ -793,7 +791,7 @@ def class_attention_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor
                              num_prefix_tokens: int) -> torch.Tensor:
     """Head-mean class-token attention over the patch columns from a row log-sum-exp computed elsewhere.
 
-    For layers that need only the LSE (DESIGN.md item 6), another attention implementation can run the layer
+    For layers that need only the LSE (docs/semantics.md, Fast path item 6), another attention implementation can run the layer
     (e.g. PyTorch's flash SDPA, ``torch.ops.aten._scaled_dot_product_flash_attention``, whose ``logsumexp``
     output is this LSE) and this kernel adds the class attention ``flash_attention(...,
     return_class_attention=True)`` would return.
@@ -821,7 +819,7 @@ def class_attention_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor
 def attention_apply_triton(q, k, lse, values: torch.Tensor, *, scale: float, num_prefix_tokens: int,
                            layer_weights=None) -> torch.Tensor:
     """Mean over layers and heads of the patch block of the attention applied to per-patch values, from the
-    saved LSE (DESIGN.md item 5: R·cam without any N×N matrix).
+    saved LSE (docs/semantics.md, Fast path item 5: R·cam without any N×N matrix).
 
     out[b, :, i] = 1/L Σ_l w_l · (1/H) Σ_h Σ_{j<P} softmax(scale q_{l,h} k_{l,h}ᵀ)[C+i, C+j] · values[b, :, j]
     i.e. out = mean_l w_l · mean_h softmax(Z)[C:, C:] @ valuesᵀ, in the values layout; weights are not

@@ -114,7 +114,7 @@ def resolve_backends(cfg: TrainConfig, device: torch.device) -> Dict[str, Any]:
     to SDPA, said in the notes (logged, and the manifest records what runs)."""
     import importlib.util
 
-    from aream_fast.losses.aream import _interpreting_triton
+    from aream_fast.kernels import interpreting
 
     cuda = device.type == "cuda"
     wanted = cfg.model.attention_backend
@@ -128,7 +128,7 @@ def resolve_backends(cfg: TrainConfig, device: torch.device) -> Dict[str, Any]:
         attention = "sdpa" if wanted == "auto" else wanted
         attention_note = attention + (" (--attention-backend auto)" if wanted == "auto" else "")
     loss = cfg.aream.loss_backend
-    if loss == "triton" and not cuda and not _interpreting_triton():
+    if loss == "triton" and not cuda and not interpreting():
         raise ValueError(f"--loss-backend triton needs a CUDA device (this run is on {device}; on CPU only under "
                          f"TRITON_INTERPRET=1); use --loss-backend auto or torch")
     if loss == "auto":

@@ -16,12 +16,12 @@ Backends:
 from __future__ import annotations
 
 import numbers
-import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from aream_fast.kernels import interpreting
 from aream_fast.models.records import as_layer_list, check_int_tensor, refuse_double_backward
 
 from aream_fast.losses.tiled import aream_loss_tiled
@@ -160,10 +160,6 @@ def _validate(
     return q_list, k_list, labels, weights
 
 
-def _interpreting_triton() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def aream_loss(
     qs: TensorOrSeq,
     ks: TensorOrSeq,
@@ -207,7 +203,7 @@ def aream_loss(
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "triton":
-        if device.type != "cuda" and not _interpreting_triton():
+        if device.type != "cuda" and not interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got tensors on {device}); on CPU it runs only under "
                 f"the Triton interpreter (environment variable TRITON_INTERPRET=1, set before triton is "

@@ -7,8 +7,9 @@ The official loss divides by the batch-global numbers of positive (same label, b
     n_pos = sum_b sum_c m_bc**2 + 1
     n_neg = sum_b V_b**2 - (n_pos - 1) + 1
 
-The m_bc come from sorting the valid (image, label) keys and counting runs, so the work and memory are bounded
-by the number of patches, whatever the label values (a bincount over B * (max label + 1) bins is not).
+The counting itself is ``aream_fast.kernels.pair_counts_sorted`` (one definition, shared with the Triton loss):
+a per-image sort and two searchsorted calls, so the work and memory are bounded by the number of patches, whatever
+the label values (a bincount over B * (max label + 1) bins is not).
 """
 from __future__ import annotations
 
@@ -58,13 +59,6 @@ def pair_counts(
         max_label = int(labels[valid].max())
         if max_label >= num_labels:
             raise ValueError(f"patch_labels hold label {max_label} >= num_labels={num_labels}")
-    per_image = valid.sum(dim=1)  # V_b
-    # (image, label) pairs of the valid patches, sorted lexicographically: runs are the m_bc
-    image = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[valid]
-    label = labels[valid]
-    order = torch.argsort(label, stable=True)
-    order = order[torch.argsort(image[order], stable=True)]
-    _, per_class = torch.unique_consecutive(torch.stack((image[order], label[order])), dim=1, return_counts=True)
-    same = (per_class * per_class).sum()
-    total = (per_image * per_image).sum()
-    return same + 1, total - same + 1
+    from aream_fast.kernels import pair_counts_sorted
+
+    return pair_counts_sorted(labels, ignore_index)

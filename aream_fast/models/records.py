@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence,
 import torch
 from torch import Tensor
 
+from aream_fast.kernels import acc_dtype  # noqa: F401 - re-exported: the torch paths import it from here
+
 
 class AttentionRequest(NamedTuple):
     """Which per-layer attention statistics a forward should export (layer indices are 0-based).
@@ -128,12 +130,6 @@ def refuse_double_backward(what: str) -> None:
                            f"are computed in closed form and have no gradient themselves; use "
                            f"aream_fast.official.loss.aream_loss_reference on materialised logits for "
                            f"higher-order gradients")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the torch paths: float64 for float64 inputs (gradcheck), float32 otherwise (fp16 /
-    bf16 / fp32 inputs accumulate in fp32). The Triton kernels in ``kernels/`` keep their own launcher copy."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_int_tensor(x: object, name: str, dims: str) -> None:
