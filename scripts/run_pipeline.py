@@ -75,6 +75,24 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.examples < 0:
         p.error(f"--examples must be >= 0, got {a.examples}")
+    # names are checked here, before minutes of stage-one training, not when their step comes
+    from aream_fast.models.factory import MODEL_CONFIGS
+    from aream_fast.stage2.crf import CRF_PRESETS
+    from aream_fast.stage2.random_walk import RW_PRESETS
+
+    if a.model not in MODEL_CONFIGS:
+        p.error(f"--model must be one of {sorted(MODEL_CONFIGS)} (the pipeline's ViT models), got {a.model!r}")
+    if a.patch_size <= 0 or 16 % a.patch_size:
+        p.error(f"--patch-size must divide 16, got {a.patch_size}")
+    for flag, value, presets in (("--mask-crf", a.mask_crf, CRF_PRESETS), ("--infer-crf", a.infer_crf, CRF_PRESETS),
+                                 ("--random-walk", a.random_walk, RW_PRESETS)):
+        if value not in presets:
+            p.error(f"{flag} must be one of {sorted(presets)}, got {value!r}")
+    for flag, value in (("--stage1-args", a.stage1_args), ("--seg-args", a.seg_args)):
+        try:
+            shlex.split(value)
+        except ValueError as exc:
+            p.error(f"{flag} is not a valid argument string ({exc}): {value!r}")
     return a
 
 

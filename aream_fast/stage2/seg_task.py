@@ -59,6 +59,12 @@ class SegConfig:
                              "--gt-upper-bound for the fully supervised upper bound")
         if self.masks is not None and self.gt_upper_bound:
             raise ValueError("--masks and --gt-upper-bound exclude each other")
+        for name in ("embed_dim", "depth", "num_heads", "patch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.patch_size is not None and 16 % self.patch_size:
+            raise ValueError(f"--patch-size must divide 16, got {self.patch_size}")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"--scale-min/--scale-max must satisfy 0 < min <= max, got {self.scale_min}, "
                              f"{self.scale_max}")

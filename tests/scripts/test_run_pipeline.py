@@ -116,3 +116,20 @@ def test_failed_step_stops_with_one_error_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: step 'stage one \(train.py\)' failed with exit code 2"):
         pipeline.main(argv)  # SystemExit(message): Python prints it on stderr and exits with status 1
     assert "--lr nan" in (tmp_path / "o" / "commands.sh").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mask-crf", "nope"], "--mask-crf must be one of"),
+    (["--infer-crf", "nope"], "--infer-crf must be one of"),
+    (["--random-walk", "nope"], "--random-walk must be one of"),
+    (["--model", "resnet"], "--model must be one of"),
+    (["--patch-size", "5"], "--patch-size must divide 16"),
+    (["--stage1-args", "--epochs '3"], "--stage1-args is not a valid argument string"),
+    (["--examples", "-1"], "--examples must be >= 0"),
+])
+def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, message):
+    pipeline = load_script("scripts/run_pipeline.py", "run_pipeline_flags")
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main(["--out", str(tmp_path / "o")] + argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing started, no output folder

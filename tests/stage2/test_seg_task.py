@@ -99,3 +99,11 @@ def test_ground_truth_and_bad_mask_folders_refused(train_seg, tiny_synthetic, ma
     err = capsys.readouterr().err
     assert err.startswith("error: ") and ("ground-truth" in err or "does not exist" in err), err
     assert not os.path.isfile(tmp_path / "run" / "checkpoint.pth")
+
+
+@pytest.mark.parametrize("flag, value", [("--patch-size", "0"), ("--patch-size", "5"), ("--depth", "0")])
+def test_bad_architecture_overrides_refused(train_seg, tiny_synthetic, masks, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        train_seg.main(TINY + ["--data-root", str(tiny_synthetic), "--masks", str(masks), "--run-dir",
+                               str(tmp_path / "run"), flag, value])
+    assert flag in capsys.readouterr().err and not (tmp_path / "run").exists()
