@@ -118,18 +118,18 @@ def test_failed_step_stops_with_one_error_line(tmp_path):
     assert "--lr nan" in (tmp_path / "o" / "commands.sh").read_text()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--mask-crf", "nope"], "--mask-crf must be one of"),
-    (["--infer-crf", "nope"], "--infer-crf must be one of"),
-    (["--random-walk", "nope"], "--random-walk must be one of"),
-    (["--model", "resnet"], "--model must be one of"),
-    (["--patch-size", "5"], "--patch-size must divide 16"),
-    (["--stage1-args", "--epochs '3"], "--stage1-args is not a valid argument string"),
-    (["--examples", "-1"], "--examples must be >= 0"),
-])
-def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, message):
+# flag -> (bad value, start of the one-line message)
+BAD_FLAGS = {"--mask-crf": ("nope", "must be one of"), "--infer-crf": ("nope", "must be one of"),
+             "--random-walk": ("nope", "must be one of"), "--model": ("resnet", "must be one of"),
+             "--patch-size": ("5", "must divide 16"), "--stage1-args": ("--epochs '3", "is not a valid argument"),
+             "--examples": ("-1", "must be >= 0")}
+
+
+@pytest.mark.parametrize("flag", sorted(BAD_FLAGS))
+def test_bad_flags_refused_before_any_work(tmp_path, capsys, flag):
+    value, message = BAD_FLAGS[flag]
     pipeline = load_script("scripts/run_pipeline.py", "run_pipeline_flags")
     with pytest.raises(SystemExit) as exc:
-        pipeline.main(["--out", str(tmp_path / "o")] + argv)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+        pipeline.main(["--out", str(tmp_path / "o"), flag, value])
+    assert exc.value.code == 2 and f"{flag} {message}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing started, no output folder
