@@ -8,10 +8,12 @@ blurred with the kernel [1/2, 1, 1/2] along each of the d+1 lattice directions i
 is sliced back with the same weights and scaled by ``alpha = 1 / (1 + 2^-d)``. The filter approximates a
 Gaussian ``exp(-|f_i - f_j|^2 / 2)`` in feature space, up to a constant.
 
-Everything is vectorised: the hash table is ``torch.unique`` on integer-coded vertex keys, the blur neighbours
-are looked up once with ``torch.searchsorted``, and splat / slice are sparse CSR matrices (``torch.sparse.mm``).
-Per-point normalisation (``D^-1/2``) and the label-compatibility weight can be folded into those matrices, so
-one filtering is three matrix products plus d+1 blur steps.
+Everything is vectorised. The hash table is a sort: points are grouped by their enclosing simplex (one int64 key
+per point: the simplex's base vertex and the ordering of the point's remainders), only the S distinct simplices
+are expanded to their d+1 vertex keys and de-duplicated, and the splat matrix's rows are filled by expanding each
+(simplex, corner) pair to the points of that simplex, so no sort over all N (d+1) corners is needed. Blur
+neighbours are looked up once with ``torch.searchsorted``; splat and slice are sparse CSR matrices
+(``torch.sparse.mm``), with per-point scales (the kernel normalisation ``D^-1/2``) folded into their values.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ class Lattice:
     ``offsets`` (N, d+1) int64: the lattice vertex (0..M-1) of each simplex corner of each point;
     ``weights`` (N, d+1) float32: the barycentric weights; ``neighbours`` (d+1, 2, M) int64: for blur direction j
     the vertex one step down (n1) and up (n2), or M when the vertex does not exist (a zero row).
-    ``splat_crow`` (M+1,) / ``splat_src`` (N (d+1),): the CSR layout of the splat matrix, rows = vertices, entry e
-    being flattened corner ``splat_src[e]`` (point ``splat_src[e] // (d+1)``), points ascending within a row.
+    ``splat_crow`` (M+1,), ``splat_point`` (N (d+1),), ``splat_src`` (N (d+1),): the CSR layout of the splat
+    matrix, rows = vertices; entry e is point ``splat_point[e]``'s corner ``splat_src[e]`` (flattened index into
+    ``weights``). Within a row the points are grouped by simplex, not sorted.
     """
 
     num_points: int
@@ -42,6 +45,7 @@ class Lattice:
     weights: torch.Tensor
     neighbours: torch.Tensor
     splat_crow: torch.Tensor
+    splat_point: torch.Tensor
     splat_src: torch.Tensor
 
     @property
@@ -50,41 +54,66 @@ class Lattice:
         one = torch.tensor(1.0, dtype=torch.float32)
         return float(one / (one + torch.tensor(2.0 ** -self.dim, dtype=torch.float32)))
 
-    def splat_parts(self, point_scale: torch.Tensor | None = None):
-        """(crow, col, values) of the (M, N) splat matrix S[offsets[i, r], i] = weights[i, r] * point_scale[i]."""
-        w = self.weights if point_scale is None else self.weights * point_scale[:, None]
-        return self.splat_crow, self.splat_src // (self.dim + 1), w.reshape(-1)[self.splat_src]
-
-    def slice_parts(self, point_scale: torch.Tensor | None = None):
-        """(cols (N, d+1) sorted per row, values (N, d+1)) of the (N, M) slice matrix
-        alpha * point_scale[i] * weights[i, r] at column offsets[i, r]."""
-        w = self.weights * self.alpha
-        if point_scale is not None:
-            w = w * point_scale[:, None]
-        cols, order = torch.sort(self.offsets, dim=1)  # a point's d+1 corners are distinct vertices
-        return cols, torch.gather(w, 1, order)
-
     def splat_matrix(self, point_scale: torch.Tensor | None = None) -> torch.Tensor:
-        crow, col, val = self.splat_parts(point_scale)
-        return csr(crow, col, val, (self.num_vertices, self.num_points))
+        """(M, N) CSR splat matrix, S[offsets[i, r], i] = weights[i, r] * point_scale[i]."""
+        val = self.weights.reshape(-1)[self.splat_src]
+        if point_scale is not None:
+            val *= point_scale[self.splat_point]
+        col = self.splat_point
+        if col.device.type != "cpu":  # CPU sparse.mm takes a row's columns in any order; keep cuSPARSE's layout
+            rows = torch.repeat_interleave(torch.arange(self.num_vertices, device=col.device),
+                                           self.splat_crow[1:] - self.splat_crow[:-1], output_size=col.numel())
+            order = torch.argsort(rows * self.num_points + col)
+            col, val = col[order], val[order]
+        return csr(self.splat_crow, col, val, (self.num_vertices, self.num_points))
 
     def slice_matrix(self, point_scale: torch.Tensor | None = None) -> torch.Tensor:
-        cols, vals = self.slice_parts(point_scale)
-        return csr_rows(cols, vals, self.num_vertices)
+        """(N, M) CSR slice matrix, alpha * point_scale[i] * weights[i, r] at column offsets[i, r]."""
+        w = self.weights * self.alpha
+        if point_scale is not None:
+            w *= point_scale[:, None]
+        cols = self.offsets
+        if cols.device.type != "cpu":  # CPU sparse.mm takes a row's columns in any order; keep cuSPARSE's layout
+            cols, order = torch.sort(cols, dim=1)
+            w = torch.gather(w, 1, order)
+        r, k = cols.shape
+        crow = torch.arange(0, r * k + 1, k, device=cols.device)
+        return csr(crow, cols.reshape(-1), w.reshape(-1), (r, self.num_vertices))
 
-    def blur(self, values: torch.Tensor) -> torch.Tensor:
-        """(M, C) lattice values -> (M, C), blurred along j = 0..d: v <- v + (v[n1] + v[n2]) / 2 (a missing
-        neighbour reads the zero row M)."""
+    def blur_(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Blur ``buffer`` (M+1, C) in place along j = 0..d: v <- v + (v[n1] + v[n2]) / 2 on its first M rows
+        (row M must be zero: a missing neighbour reads it). Returns ``buffer``."""
         m = self.num_vertices
-        buf = values.new_zeros(m + 1, values.shape[1])
-        buf[:m] = values
         for j in range(self.dim + 1):
             n1, n2 = self.neighbours[j]
-            step = buf.index_select(0, n1)
-            step += buf.index_select(0, n2)
-            step *= 0.5
-            buf[:m] += step
-        return buf[:m]
+            step = buffer.index_select(0, n1)
+            step += buffer.index_select(0, n2)
+            buffer[:m].add_(step, alpha=0.5)
+        return buffer
+
+    def blur_matrices(self) -> list:
+        """The d+1 blur steps as (M, M+1) CSR matrices B_j (rows n1, self, n2 with 1/2, 1, 1/2; column M is the
+        zero row a missing neighbour reads): ``buffer[:M] = B_j @ buffer`` is one step of ``blur_`` without its
+        temporaries (one sparse product per direction)."""
+        m = self.num_vertices
+        dev = self.neighbours.device
+        own = torch.arange(m, device=dev)
+        half = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float32, device=dev).repeat(m, 1)
+        crow = torch.arange(0, 3 * m + 1, 3, device=dev)
+        mats = []
+        for j in range(self.dim + 1):
+            cols, vals = torch.stack([self.neighbours[j, 0], own, self.neighbours[j, 1]], dim=1), half
+            if dev.type != "cpu":  # CPU sparse.mm takes a row's columns in any order; keep cuSPARSE's layout
+                cols, order = torch.sort(cols, dim=1)
+                vals = torch.gather(vals, 1, order)
+            mats.append(csr(crow, cols.reshape(-1), vals.reshape(-1), (m, m + 1)))
+        return mats
+
+    def blur(self, values: torch.Tensor) -> torch.Tensor:
+        """(M, C) lattice values -> (M, C), blurred along j = 0..d (see ``blur_``)."""
+        buf = values.new_zeros(self.num_vertices + 1, values.shape[1])
+        buf[: self.num_vertices] = values
+        return self.blur_(buf)[: self.num_vertices]
 
     def filter_ones(self) -> torch.Tensor:
         """(N,) float32: ``filter`` of a column of ones (the kernel's row sums D), without building matrices."""
@@ -108,13 +137,6 @@ def csr(crow, col, val, size) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow, col, val, size, check_invariants=False)
 
 
-def csr_rows(cols: torch.Tensor, vals: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """(R, k) sorted column indices and values, k entries per row -> (R, num_cols) CSR."""
-    r, k = cols.shape
-    crow = torch.arange(0, r * k + 1, k, device=cols.device)
-    return csr(crow, cols.reshape(-1), vals.reshape(-1), (r, num_cols))
-
-
 def build_lattice(features: torch.Tensor) -> Lattice:
     """Build the lattice for ``features`` (N, d) float32 (already divided by the kernel's standard deviations).
 
@@ -127,35 +149,38 @@ def build_lattice(features: torch.Tensor) -> Lattice:
     if features.dim() != 2 or features.dtype != torch.float32:
         raise ValueError(f"features must be a (N, d) float32 tensor, got {tuple(features.shape)} {features.dtype}")
     n, d = features.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"features must have at least one point and one dimension, got {tuple(features.shape)}")
     dev = features.device
-    f = features.t()  # (d, N): every per-coordinate vector contiguous
     inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
-    scale = [float(torch.tensor(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev, dtype=torch.float32))
-             for i in range(d)]
-    # elevate: y = E f (p.5 of Adams et al.); sm is the running sum of the scaled features from the top
-    elevated = [None] * (d + 1)
+    scale = torch.tensor([1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev for i in range(d)],
+                         dtype=torch.float32, device=dev)
+    # elevate: y = E f (p.5 of Adams et al.); elevated[j] = sum_{c >= j} cf[c] - j cf[j - 1], cf = scaled features,
+    # the running sum taken from the top in float32 as the C++ does
+    cf = (features * scale).t()  # (d, N)
+    elevated = torch.empty(d + 1, n, dtype=torch.float32, device=dev)
     sm = torch.zeros(n, dtype=torch.float32, device=dev)
     for j in range(d, 0, -1):
-        cf = f[j - 1] * scale[j - 1]
-        elevated[j] = sm - float(j) * cf
-        sm = sm + cf
+        torch.sub(sm, cf[j - 1] * float(j), out=elevated[j])  # j * cf rounded first, as the C++
+        sm += cf[j - 1]
     elevated[0] = sm
-    elevated = torch.stack(elevated)  # (d+1, N)
     # closest 0-coloured lattice point by rounding
     down = float(torch.tensor(1.0 / (d + 1), dtype=torch.float32))
     v = torch.round(elevated * down)
     rem0 = v * float(d + 1)
-    total = v.sum(dim=0)
-    # rank of each coordinate of elevated - rem0 (pairwise, as the C++ does: ties go to the later coordinate)
+    # rank of each coordinate of elevated - rem0, float32 as the C++ (for i < j: diff[i] < diff[j] ranks i up,
+    # else j), written as rank[j] = j + sum_{i < j} (c_ij - c_ij') with c = [diff[i] < diff[j]]
     diff = elevated - rem0
-    rank = torch.zeros(d + 1, n, dtype=torch.float32, device=dev)
+    rank = torch.arange(d + 1, dtype=torch.float32, device=dev)[:, None].repeat(1, n)
     for i in range(d):
         for j in range(i + 1, d + 1):
             c = (diff[i] < diff[j]).to(torch.float32)
             rank[i] += c
-            rank[j] += 1.0 - c
-    rank += total
-    wrap = (rank < 0).to(torch.float32) * (d + 1) - (rank >= d + 1).to(torch.float32) * (d + 1)
+            rank[j] -= c
+    rank += v.sum(dim=0)
+    wrap = (rank < 0).to(torch.float32)
+    wrap -= (rank >= d + 1).to(torch.float32)
+    wrap *= float(d + 1)
     rank += wrap
     rem0 += wrap
     rank_i = rank.to(torch.int64)
@@ -163,33 +188,47 @@ def build_lattice(features: torch.Tensor) -> Lattice:
     bv = (elevated - rem0) * down
     bary = torch.zeros(d + 2, n, dtype=torch.float32, device=dev)
     bary.scatter_add_(0, d - rank_i, bv)
-    bary.scatter_add_(0, d - rank_i + 1, -bv)
-    weights = bary[: d + 1].clone()
-    weights[0] = bary[0] + (1.0 + bary[d + 1])
-    # vertex r of point i: key[c] = rem0[c] + canonical[r, rank[c]], canonical[r, k] = r - (d+1) [k > d - r]
-    rem0_i = rem0[:d].to(torch.int64)
-    columns = [rem0_i[c] for c in range(d)]
-    lo = [col.min().item() - 2 * (d + 1) for col in columns]
-    span = [col.max().item() + 2 * (d + 1) - low + 1 for col, low in zip(columns, lo)]
-    strides = [1] * len(columns)
-    for c in range(len(columns) - 2, -1, -1):
-        strides[c] = strides[c + 1] * span[c + 1]
-    if strides[0] * span[0] >= _MAX_CODE:
+    bary.scatter_add_(0, d + 1 - rank_i, -bv)
+    bary[0] += 1.0 + bary[d + 1]
+    weights = bary[: d + 1].t().contiguous()
+    # integer vertex codes. Corner r of a point is key[c] = rem0[c] + r - (d+1) [rank[c] > d - r] (p.10; the
+    # first d coordinates determine a vertex), so every coordinate of corner r is = r mod (d+1): key[c] =
+    # (d+1) m_c + r with m_c = rem0[c] / (d+1) - [rank[c] > d - r]. The code packs (m_0..m_{d-1}, r) as
+    # (sum_c (m_c - lo_c) stride_c) (d+1) + r, a (d+1)^(d-1) times smaller range than the keys themselves.
+    m0 = (rem0[:d] * down).round_().to(torch.int64)  # rem0 / (d+1), exact
+    lo = m0.amin(dim=1) - 2  # a margin of 2 on m: corners step down by 1, blur neighbours by 1 more
+    span = m0.amax(dim=1) + 2 - lo + 1
+    strides = [1] * d
+    for c in range(d - 2, -1, -1):
+        strides[c] = strides[c + 1] * int(span[c + 1])
+    code_range = strides[0] * int(span[0]) * (d + 1)
+    if code_range >= _MAX_CODE:
         raise ValueError("the lattice keys of these features do not fit in 63 bits (feature range too large for "
                          "the kernel widths: sxy / srgb too small)")
-    base = sum((col - low) * stride for col, low, stride in zip(columns, lo, strides))
+    stride_t = torch.tensor(strides, dtype=torch.int64, device=dev)[:, None]
+    base = ((m0 - lo[:, None]) * stride_t).sum(dim=0)  # (N,)
+    # corner r subtracts the strides of the c < d with rank[c] >= d + 1 - r: scatter the strides by rank, then
+    # corner r = corner r-1 minus the strides of rank d + 1 - r
+    by_rank = torch.zeros(d + 1, n, dtype=torch.int64, device=dev)
+    by_rank.scatter_add_(0, rank_i[:d], stride_t.expand(d, n))
     codes = torch.empty(d + 1, n, dtype=torch.int64, device=dev)
-    for r in range(d + 1):
-        above = sum((rank_i[c] > d - r).to(torch.int64) * strides[c] for c in range(d))
-        codes[r] = base + r * sum(strides) - (d + 1) * above
-    inverse, unique_codes, crow, src = _hash(codes.t().reshape(-1))
+    codes[0] = base
+    for r in range(1, d + 1):
+        torch.sub(codes[r - 1], by_rank[d + 1 - r], out=codes[r])
+    codes *= d + 1
+    codes += torch.arange(d + 1, device=dev)[:, None]
+    codes = codes.t().reshape(-1)  # corner code of point i, corner r at i * (d+1) + r
+    if code_range < 2 ** 31:  # a 32-bit sort is about twice as fast
+        codes = codes.to(torch.int32)
+    inverse, unique_codes, crow, order = _hash(codes)
     neighbours = _neighbours(unique_codes, strides, d)
     return Lattice(num_points=n, dim=d, num_vertices=unique_codes.shape[0], offsets=inverse.reshape(n, d + 1),
-                   weights=weights.t().contiguous(), neighbours=neighbours, splat_crow=crow, splat_src=src)
+                   weights=weights, neighbours=neighbours, splat_crow=crow, splat_point=order // (d + 1),
+                   splat_src=order)
 
 
 def _hash(codes: torch.Tensor):
-    """(R,) int64 codes -> (inverse (R,) vertex ids, sorted unique codes (M,), CSR row pointers (M+1,) and the
+    """(R,) integer codes -> (inverse (R,) vertex ids, sorted unique codes (M,), CSR row pointers (M+1,) and the
     code index of every CSR entry (R,), ascending within a vertex)."""
     sorted_codes, order = torch.sort(codes, stable=True)
     is_new = torch.ones_like(sorted_codes, dtype=torch.bool)
@@ -201,15 +240,23 @@ def _hash(codes: torch.Tensor):
 
 
 def _neighbours(unique_codes: torch.Tensor, strides, d: int) -> torch.Tensor:
-    """(d+1, 2, M) int64 blur neighbours (pydensecrf: n1 = key - 1 except key[j] + d, n2 = key + 1 except
-    key[j] - d, for the d stored coordinates); a missing neighbour is M."""
+    """(d+1, 2, M) int64 blur neighbours; a missing neighbour is M.
+
+    pydensecrf: along direction j, n1 = key - step and n2 = key + step with step[c] = 1 except step[j] = -d (on
+    the d stored coordinates; j = d moves them all by 1). In the packed code of ``build_lattice`` a vertex of
+    remainder r goes to remainder r - 1 (n1) and r + 1 (n2), and m moves by a constant that depends only on
+    whether r wraps around (r = 0 for n1, r = d for n2)."""
     m = unique_codes.shape[0]
     total = sum(strides)
+    r = unique_codes % (d + 1)
     result = torch.empty(d + 1, 2, m, dtype=torch.int64, device=unique_codes.device)
     for j in range(d + 1):
-        # step[c] = 1, except step[j] = -d; n1 = key - step, n2 = key + step
-        delta = total - (d + 1) * strides[j] if j < d else total
-        for side, q in enumerate((unique_codes - delta, unique_codes + delta)):
+        sj = strides[j] if j < d else 0
+        # n1: r >= 1 -> m_j + 1, r - 1; r = 0 -> m_c - 1 for c != j, r = d.  n2 is its inverse.
+        down_step = torch.where(r == 0, -(d + 1) * (total - sj) + d, (d + 1) * sj - 1)
+        up_step = torch.where(r == d, (d + 1) * (total - sj) - d, -(d + 1) * sj + 1)
+        for side, q in enumerate((unique_codes + down_step, unique_codes + up_step)):
+            q = q.to(unique_codes.dtype)
             pos = torch.searchsorted(unique_codes, q).clamp_(max=m - 1)
             result[j, side] = torch.where(unique_codes[pos] == q, pos, m)
     return result

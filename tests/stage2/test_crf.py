@@ -177,13 +177,13 @@ def test_fast_matches_naive_lattice_crf(preset):
 def test_lattice_operator_vs_exact_gaussian(preset):
     """The normalised lattice operator approximates the exact D^-1/2 K D^-1/2 (Adams et al. 2010): relative
     Frobenius error <= 0.1 on random positive vectors (measured: <= 0.019 Gaussian, <= 0.078 bilateral)."""
-    from aream_fast.stage2.crf import _ExactKernel, _LatticeKernels
+    from aream_fast.stage2.crf import _ExactTerm, _LatticeTerm
 
     img, _ = synthetic_image(24, 31, 3, seed=1)
     for feats in crf_features(torch.from_numpy(img), CRF_PRESETS[preset]):
         v = torch.rand(feats.shape[0], 4, generator=torch.Generator().manual_seed(0))
-        exact = _ExactKernel(feats, 1.0)(v)
-        fast = _LatticeKernels([build_lattice(feats)], [1.0])(v)
+        exact = _ExactTerm(feats).apply(v)
+        fast = _LatticeTerm(build_lattice(feats)).apply(v)
         assert ((fast - exact).norm() / exact.norm()).item() <= 0.1
 
 
@@ -322,3 +322,22 @@ def test_presets_named_and_valid():
             CRF_PRESETS["cam"].bilateral_compat) == (3, 80, 13, 10)
     assert (CRF_PRESETS["official-test"].gaussian_sxy, CRF_PRESETS["official-test"].bilateral_sxy) == (4, 83)
     assert (CRF_PRESETS["toco"].bilateral_sxy, CRF_PRESETS["toco"].bilateral_srgb) == (121, 5)
+
+
+def test_position_lattice_cache():
+    """The appearance-free Gaussian lattice is cached per (H, W, sxy, device): a cached run gives the same Q as a
+    cold one, and at most POSITION_CACHE_SIZE sizes are kept (least recently used dropped)."""
+    from aream_fast.stage2 import crf
+
+    img, probs = synthetic_image(11, 13, 3, seed=5)
+    crf._position_terms.clear()
+    cold = dense_crf(img, probs, preset="cam")
+    assert list(crf._position_terms) == [(11, 13, 3.0, "cpu")]
+    np.testing.assert_array_equal(dense_crf(img, probs, preset="cam"), cold)
+    # another sxy is another entry, and its Q differs (the cache key includes sxy)
+    assert np.abs(dense_crf(img, probs, preset="cam", gaussian_sxy=1) - cold).max() > 1e-4
+    for size in range(crf.POSITION_CACHE_SIZE + 2):
+        small, p = synthetic_image(4, 5 + size, 2, seed=size)
+        dense_crf(small, p)
+    assert len(crf._position_terms) == crf.POSITION_CACHE_SIZE
+    assert (11, 13, 3.0, "cpu") not in crf._position_terms
