@@ -8,11 +8,9 @@ blurred with the kernel [1/2, 1, 1/2] along each of the d+1 lattice directions i
 is sliced back with the same weights and scaled by ``alpha = 1 / (1 + 2^-d)``. The filter approximates a
 Gaussian ``exp(-|f_i - f_j|^2 / 2)`` in feature space, up to a constant.
 
-Everything is vectorised. The hash table is a sort: points are grouped by their enclosing simplex (one int64 key
-per point: the simplex's base vertex and the ordering of the point's remainders), only the S distinct simplices
-are expanded to their d+1 vertex keys and de-duplicated, and the splat matrix's rows are filled by expanding each
-(simplex, corner) pair to the points of that simplex, so no sort over all N (d+1) corners is needed. Blur
-neighbours are looked up once with ``torch.searchsorted``; splat and slice are sparse CSR matrices
+Everything is vectorised. The hash table is one sort of the N (d+1) corner codes (each vertex packed as
+(remainder r, lattice coordinates / (d+1)) into one integer, 32-bit when the range allows); blur neighbours are
+looked up once with ``torch.searchsorted``; splat, each blur step and slice are sparse CSR matrices
 (``torch.sparse.mm``), with per-point scales (the kernel normalisation ``D^-1/2``) folded into their values.
 """
 from __future__ import annotations
@@ -193,16 +191,16 @@ def build_lattice(features: torch.Tensor) -> Lattice:
     weights = bary[: d + 1].t().contiguous()
     # integer vertex codes. Corner r of a point is key[c] = rem0[c] + r - (d+1) [rank[c] > d - r] (p.10; the
     # first d coordinates determine a vertex), so every coordinate of corner r is = r mod (d+1): key[c] =
-    # (d+1) m_c + r with m_c = rem0[c] / (d+1) - [rank[c] > d - r]. The code packs (m_0..m_{d-1}, r) as
-    # (sum_c (m_c - lo_c) stride_c) (d+1) + r, a (d+1)^(d-1) times smaller range than the keys themselves.
+    # (d+1) m_c + r with m_c = rem0[c] / (d+1) - [rank[c] > d - r]. The code packs (r, m_0..m_{d-1}) as
+    # r R + sum_c (m_c - lo_c) stride_c (R = the m range): a (d+1)^(d-1) times smaller range than the keys.
     m0 = (rem0[:d] * down).round_().to(torch.int64)  # rem0 / (d+1), exact
     lo = m0.amin(dim=1) - 2  # a margin of 2 on m: corners step down by 1, blur neighbours by 1 more
     span = m0.amax(dim=1) + 2 - lo + 1
     strides = [1] * d
     for c in range(d - 2, -1, -1):
         strides[c] = strides[c + 1] * int(span[c + 1])
-    code_range = strides[0] * int(span[0]) * (d + 1)
-    if code_range >= _MAX_CODE:
+    block = strides[0] * int(span[0])
+    if block * (d + 1) >= _MAX_CODE:
         raise ValueError("the lattice keys of these features do not fit in 63 bits (feature range too large for "
                          "the kernel widths: sxy / srgb too small)")
     stride_t = torch.tensor(strides, dtype=torch.int64, device=dev)[:, None]
@@ -215,13 +213,11 @@ def build_lattice(features: torch.Tensor) -> Lattice:
     codes[0] = base
     for r in range(1, d + 1):
         torch.sub(codes[r - 1], by_rank[d + 1 - r], out=codes[r])
-    codes *= d + 1
-    codes += torch.arange(d + 1, device=dev)[:, None]
-    codes = codes.t().reshape(-1)  # corner code of point i, corner r at i * (d+1) + r
-    if code_range < 2 ** 31:  # a 32-bit sort is about twice as fast
+    codes += torch.arange(d + 1, device=dev)[:, None] * block
+    if block * (d + 1) < 2 ** 31:  # a 32-bit sort is about twice as fast
         codes = codes.to(torch.int32)
-    inverse, unique_codes, crow, order = _hash(codes)
-    neighbours = _neighbours(unique_codes, strides, d)
+    inverse, unique_codes, crow, order = _hash(codes.t().reshape(-1))  # entry i (d+1) + r: point i, corner r
+    neighbours = _neighbours(unique_codes, strides, block, d)
     return Lattice(num_points=n, dim=d, num_vertices=unique_codes.shape[0], offsets=inverse.reshape(n, d + 1),
                    weights=weights, neighbours=neighbours, splat_crow=crow, splat_point=order // (d + 1),
                    splat_src=order)
@@ -229,7 +225,8 @@ def build_lattice(features: torch.Tensor) -> Lattice:
 
 def _hash(codes: torch.Tensor):
     """(R,) integer codes -> (inverse (R,) vertex ids, sorted unique codes (M,), CSR row pointers (M+1,) and the
-    code index of every CSR entry (R,), ascending within a vertex)."""
+    code index of every CSR entry (R,), ascending within a vertex). One 1-D sort (``torch.sort`` of a flat
+    integer tensor uses all CPU threads; sorting rows along a dimension measured several times slower)."""
     sorted_codes, order = torch.sort(codes, stable=True)
     is_new = torch.ones_like(sorted_codes, dtype=torch.bool)
     is_new[1:] = sorted_codes[1:] != sorted_codes[:-1]
@@ -239,7 +236,7 @@ def _hash(codes: torch.Tensor):
     return inverse, sorted_codes[starts], crow, order
 
 
-def _neighbours(unique_codes: torch.Tensor, strides, d: int) -> torch.Tensor:
+def _neighbours(unique_codes: torch.Tensor, strides, block: int, d: int) -> torch.Tensor:
     """(d+1, 2, M) int64 blur neighbours; a missing neighbour is M.
 
     pydensecrf: along direction j, n1 = key - step and n2 = key + step with step[c] = 1 except step[j] = -d (on
@@ -248,13 +245,13 @@ def _neighbours(unique_codes: torch.Tensor, strides, d: int) -> torch.Tensor:
     whether r wraps around (r = 0 for n1, r = d for n2)."""
     m = unique_codes.shape[0]
     total = sum(strides)
-    r = unique_codes % (d + 1)
+    r = torch.div(unique_codes, block, rounding_mode="floor")
     result = torch.empty(d + 1, 2, m, dtype=torch.int64, device=unique_codes.device)
     for j in range(d + 1):
         sj = strides[j] if j < d else 0
-        # n1: r >= 1 -> m_j + 1, r - 1; r = 0 -> m_c - 1 for c != j, r = d.  n2 is its inverse.
-        down_step = torch.where(r == 0, -(d + 1) * (total - sj) + d, (d + 1) * sj - 1)
-        up_step = torch.where(r == d, (d + 1) * (total - sj) - d, -(d + 1) * sj + 1)
+        # n1: r >= 1 -> r - 1 and m_j + 1; r = 0 -> r = d and m_c - 1 for c != j.  n2 is its inverse.
+        down_step = torch.where(r == 0, d * block - (total - sj), sj - block)
+        up_step = torch.where(r == d, (total - sj) - d * block, block - sj)
         for side, q in enumerate((unique_codes + down_step, unique_codes + up_step)):
             q = q.to(unique_codes.dtype)
             pos = torch.searchsorted(unique_codes, q).clamp_(max=m - 1)

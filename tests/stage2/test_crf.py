@@ -162,6 +162,26 @@ def test_lattice_filter_matches_naive_lattice(dim_case):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("spread", [3.0, 3000.0])
+def test_lattice_filter_wide_features(spread):
+    """Scattered 5-D features: the packed vertex codes fit in 32 bits for a small spread and need the 64-bit
+    sort for a wide one (code range >= 2^31); both give the naive lattice's filter."""
+    from aream_fast.stage2 import permutohedral
+
+    rng = np.random.default_rng(3)
+    feats = (rng.random((40, 5)) * spread).astype(np.float32)
+    values = rng.random((40, 3)).astype(np.float32)
+    seen = []
+    real_hash = permutohedral._hash
+    permutohedral._hash = lambda codes: seen.append(codes.dtype) or real_hash(codes)
+    try:
+        got = build_lattice(torch.from_numpy(feats)).filter(torch.from_numpy(values)).numpy()
+    finally:
+        permutohedral._hash = real_hash
+    assert seen == [torch.int32 if spread < 10 else torch.int64]
+    np.testing.assert_allclose(got, naive_lattice_filter(feats, values.astype(np.float64)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["cam", "official-test", "toco"])
 def test_fast_matches_naive_lattice_crf(preset):
     img, probs = synthetic_image(7, 9, 3, seed=2)
