@@ -173,15 +173,21 @@ class _LatticeTerm:
     (M, N) and a slice (N, M) CSR matrix with D^-1/2 folded into their values."""
 
     def __init__(self, lattice: Lattice):
-        self.lattice = lattice
+        self.num_vertices = lattice.num_vertices  # the lattice's own arrays are not kept (cached terms stay small)
         norm = 1.0 / torch.sqrt(lattice.filter_ones() + 1e-20)
         self.splat = lattice.splat_matrix(norm)
         self.blurs = lattice.blur_matrices()
         self.slice = lattice.slice_matrix(norm)
 
+    def nbytes(self) -> int:
+        """Bytes held by the term's sparse matrices."""
+        mats = [self.splat, self.slice, *self.blurs]
+        return sum(t.numel() * t.element_size() for m in mats
+                   for t in (m.crow_indices(), m.col_indices(), m.values()))
+
     def add_to(self, message: torch.Tensor, q: torch.Tensor, compat: float, inplace: bool = True) -> torch.Tensor:
         """message (N, K) + compat * K~ q, in place into ``message`` or a new tensor; q (N, K) float32."""
-        m = self.lattice.num_vertices
+        m = self.num_vertices
         a, b = q.new_empty(m + 1, q.shape[1]), q.new_empty(m + 1, q.shape[1])
         a[m] = 0  # the row a missing blur neighbour reads
         b[m] = 0
@@ -219,6 +225,8 @@ class _ExactTerm:
 
 # The appearance-free Gaussian kernel depends on the image size and sxy only (not on the pixels), so its lattice
 # is built once per (H, W, sxy, device) and kept for the next images of that size (VOC: most are 500 x 375).
+# Each kept size holds its sparse matrices (500 x 375: 11 MiB at sxy = 3, 28 MiB at sxy = 1); set
+# POSITION_CACHE_SIZE = 0 to keep none.
 POSITION_CACHE_SIZE = 8
 _position_terms: "OrderedDict[tuple, _LatticeTerm]" = OrderedDict()
 

@@ -344,7 +344,7 @@ def test_presets_named_and_valid():
     assert (CRF_PRESETS["toco"].bilateral_sxy, CRF_PRESETS["toco"].bilateral_srgb) == (121, 5)
 
 
-def test_position_lattice_cache():
+def test_position_lattice_cache(monkeypatch):
     """The appearance-free Gaussian lattice is cached per (H, W, sxy, device): a cached run gives the same Q as a
     cold one, and at most POSITION_CACHE_SIZE sizes are kept (least recently used dropped)."""
     from aream_fast.stage2 import crf
@@ -361,3 +361,6 @@ def test_position_lattice_cache():
         dense_crf(small, p)
     assert len(crf._position_terms) == crf.POSITION_CACHE_SIZE
     assert (11, 13, 3.0, "cpu") not in crf._position_terms
+    monkeypatch.setattr(crf, "POSITION_CACHE_SIZE", 0)  # keep none
+    np.testing.assert_array_equal(dense_crf(img, probs, preset="cam"), cold)
+    assert len(crf._position_terms) == 0
