@@ -279,7 +279,8 @@ def dense_crf(image, probs, *, preset: str = "cam", iterations: int = 10, backen
 
     Args:
         image: (H, W, 3) uint8 numpy array or tensor (RGB as pydensecrf's ``rgbim``), or a list of them, or a
-            (B, H, W, 3) batch.
+            (B, H, W, 3) batch. A list that holds the same image object more than once (several score maps of
+            one image, as the la / ha rule) builds that image's bilateral lattice once.
         probs: (K, H, W) float probabilities (or scores in [0, 1]), or a list / (B, K, H, W) batch; each image
             has its own K (e.g. its present classes plus background).
         preset: a name in ``CRF_PRESETS``; ``overrides`` are CRFParams fields that replace the preset's values.
@@ -304,11 +305,12 @@ def dense_crf(image, probs, *, preset: str = "cam", iterations: int = 10, backen
     device = torch.device(device)
     return_numpy = not isinstance(probs_list[0], torch.Tensor)
     outputs = []
+    bilateral_terms: Dict[int, "_LatticeTerm"] = {}  # a list that repeats an image object builds its lattice once
     for b, (img, p) in enumerate(zip(images, probs_list)):
         suffix = f"[{b}]" if batched else ""
         img_t = _as_image(img, f"image{suffix}", device)
         p_t = _as_probs(p, f"probs{suffix}", img_t.shape[:2], normalized, device)
-        q = _crf_one(img_t, p_t, params, iterations, backend)
+        q = _crf_one(img_t, p_t, params, iterations, backend, bilateral_terms, id(img))
         outputs.append(q.cpu().numpy() if return_numpy else q)
     if batched == "list":
         return outputs
@@ -334,8 +336,8 @@ def _split_batch(image, probs):
     return None, [image], [probs]
 
 
-def _crf_one(image: torch.Tensor, probs: torch.Tensor, params: CRFParams, iterations: int,
-             backend: str) -> torch.Tensor:
+def _crf_one(image: torch.Tensor, probs: torch.Tensor, params: CRFParams, iterations: int, backend: str,
+             bilateral_terms: Dict[int, "_LatticeTerm"], image_key: int) -> torch.Tensor:
     """(H, W, 3) uint8 + (K, H, W) float32 -> (K, H, W) float32 Q on one image."""
     k, h, w = probs.shape
     n = h * w
@@ -346,8 +348,11 @@ def _crf_one(image: torch.Tensor, probs: torch.Tensor, params: CRFParams, iterat
         gaussian, bilateral = crf_features(image, params)
         terms = [_ExactTerm(gaussian), _ExactTerm(bilateral)]
     else:
-        terms = [_position_term(h, w, params.gaussian_sxy, image.device),
-                 _LatticeTerm(build_lattice(_bilateral_features(image, params.bilateral_sxy, params.bilateral_srgb)))]
+        bilateral = bilateral_terms.get(image_key)
+        if bilateral is None:
+            features = _bilateral_features(image, params.bilateral_sxy, params.bilateral_srgb)
+            bilateral = bilateral_terms[image_key] = _LatticeTerm(build_lattice(features))
+        terms = [_position_term(h, w, params.gaussian_sxy, image.device), bilateral]
     unary = -torch.log(probs.clamp(params.unary_clip, 1.0)).reshape(k, n).t().contiguous()
     q = _mean_field(unary, list(zip(terms, [params.gaussian_compat, params.bilateral_compat])), iterations)
     return q.t().reshape(k, h, w).contiguous()

@@ -34,11 +34,13 @@ IGNORE_INDEX = 255
 GT_FOLDER_NAMES = ("SegmentationClass", "SegmentationClassAug")
 
 
-def _crf(image: np.ndarray, probs: torch.Tensor, preset: str, iterations: int) -> torch.Tensor:
+def _crf(image: np.ndarray, probs: Sequence[torch.Tensor], preset: str, iterations: int) -> List[torch.Tensor]:
+    """The CRF of every (k+1, H, W) score stack of one image (one bilateral lattice for all of them)."""
     from aream_fast.stage2 import dense_crf  # lazy: the CRF is only needed when asked for
 
     # the [bg; cams] scores are not normalised over the labels (official CAM CRF; docs/semantics.md, Stage two)
-    return torch.as_tensor(dense_crf(image, probs, preset=preset, iterations=iterations, normalized=False))
+    return [torch.as_tensor(q) for q in dense_crf([image] * len(probs), list(probs), preset=preset,
+                                                    iterations=iterations, normalized=False)]
 
 
 def pseudo_mask(keys, cams, *, bg_threshold: Optional[float] = None, image: Optional[np.ndarray] = None,
@@ -94,11 +96,10 @@ def pseudo_mask(keys, cams, *, bg_threshold: Optional[float] = None, image: Opti
     if trans is not None:
         scores = propagate(scores, trans, params.t, patch_size=patch_size)
     ids = np.concatenate([[0], keys + 1]).astype(np.uint8)
-    labels = []
-    for s in scores.split(keys.size + 1):
-        if crf is not None:
-            s = _crf(image, s, crf, crf_iterations)
-        labels.append(ids[s.argmax(0).cpu().numpy()])
+    stacks = list(scores.split(keys.size + 1))
+    if crf is not None:
+        stacks = _crf(image, stacks, crf, crf_iterations)
+    labels = [ids[s.argmax(0).cpu().numpy()] for s in stacks]
     if not ignore:
         return labels[0]
     low, high = labels

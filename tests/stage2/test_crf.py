@@ -364,3 +364,24 @@ def test_position_lattice_cache(monkeypatch):
     monkeypatch.setattr(crf, "POSITION_CACHE_SIZE", 0)  # keep none
     np.testing.assert_array_equal(dense_crf(img, probs, preset="cam"), cold)
     assert len(crf._position_terms) == 0
+
+
+def test_repeated_image_builds_one_bilateral_lattice(monkeypatch):
+    """Two score maps of one image object in a list (the la / ha rule of the pseudo masks) share its bilateral
+    lattice: one build, the same Q as two separate calls."""
+    from aream_fast.stage2 import crf
+
+    img, p1 = synthetic_image(9, 12, 3, seed=6)
+    _, p2 = synthetic_image(9, 12, 3, seed=7)
+    want = [dense_crf(img, p1, preset="toco"), dense_crf(img, p2, preset="toco")]
+    crf._position_terms.clear()
+    built = []
+    real = crf.build_lattice
+    monkeypatch.setattr(crf, "build_lattice", lambda f: built.append(f.shape[1]) or real(f))
+    got = dense_crf([img, img], [p1, p2], preset="toco")
+    assert built == [5, 2]  # the bilateral once, the Gaussian once (then cached)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    # a copy of the image is another object: its own lattice
+    dense_crf([img, img.copy()], [p1, p2], preset="toco")
+    assert built == [5, 2, 5, 5]
