@@ -33,7 +33,7 @@ from typing import Dict, Sequence, Union
 import numpy as np
 import torch
 
-from .permutohedral import Lattice, build_lattice
+from .permutohedral import Lattice, blur, build_lattice
 
 EXACT_MAX_PIXELS = 4096
 _BACKENDS = ("auto", "fast", "exact")
@@ -174,9 +174,9 @@ class _LatticeTerm:
 
     def __init__(self, lattice: Lattice):
         self.num_vertices = lattice.num_vertices  # the lattice's own arrays are not kept (cached terms stay small)
-        norm = 1.0 / torch.sqrt(lattice.filter_ones() + 1e-20)
-        self.splat = lattice.splat_matrix(norm)
         self.blurs = lattice.blur_matrices()
+        norm = 1.0 / torch.sqrt(lattice.filter_ones(self.blurs) + 1e-20)
+        self.splat = lattice.splat_matrix(norm)
         self.slice = lattice.slice_matrix(norm)
 
     def nbytes(self) -> int:
@@ -187,17 +187,10 @@ class _LatticeTerm:
 
     def add_to(self, message: torch.Tensor, q: torch.Tensor, compat: float, inplace: bool = True) -> torch.Tensor:
         """message (N, K) + compat * K~ q, in place into ``message`` or a new tensor; q (N, K) float32."""
-        m = self.num_vertices
-        a, b = q.new_empty(m + 1, q.shape[1]), q.new_empty(m + 1, q.shape[1])
-        a[m] = 0  # the row a missing blur neighbour reads
-        b[m] = 0
-        torch.mm(self.splat, q, out=a[:m])
-        for step in self.blurs:  # ping-pong between the two buffers
-            torch.mm(step, a, out=b[:m])
-            a, b = b, a
+        blurred = blur(q, self.blurs, splat=self.splat)
         if inplace:
-            return message.addmm_(self.slice, a[:m], alpha=compat)
-        return torch.addmm(message, self.slice, a[:m], alpha=compat)
+            return message.addmm_(self.slice, blurred, alpha=compat)
+        return torch.addmm(message, self.slice, blurred, alpha=compat)
 
     def apply(self, q: torch.Tensor) -> torch.Tensor:
         """(N, K) -> K~ q (N, K)."""

@@ -33,7 +33,7 @@ class Lattice:
     the vertex one step down (n1) and up (n2), or M when the vertex does not exist (a zero row).
     ``splat_crow`` (M+1,), ``splat_point`` (N (d+1),), ``splat_src`` (N (d+1),): the CSR layout of the splat
     matrix, rows = vertices; entry e is point ``splat_point[e]``'s corner ``splat_src[e]`` (flattened index into
-    ``weights``). Within a row the points are grouped by simplex, not sorted.
+    ``weights``), points ascending within a row.
     """
 
     num_points: int
@@ -57,13 +57,7 @@ class Lattice:
         val = self.weights.reshape(-1)[self.splat_src]
         if point_scale is not None:
             val *= point_scale[self.splat_point]
-        col = self.splat_point
-        if col.device.type != "cpu":  # CPU sparse.mm takes a row's columns in any order; keep cuSPARSE's layout
-            rows = torch.repeat_interleave(torch.arange(self.num_vertices, device=col.device),
-                                           self.splat_crow[1:] - self.splat_crow[:-1], output_size=col.numel())
-            order = torch.argsort(rows * self.num_points + col)
-            col, val = col[order], val[order]
-        return csr(self.splat_crow, col, val, (self.num_vertices, self.num_points))
+        return csr(self.splat_crow, self.splat_point, val, (self.num_vertices, self.num_points))
 
     def slice_matrix(self, point_scale: torch.Tensor | None = None) -> torch.Tensor:
         """(N, M) CSR slice matrix, alpha * point_scale[i] * weights[i, r] at column offsets[i, r]."""
@@ -78,21 +72,10 @@ class Lattice:
         crow = torch.arange(0, r * k + 1, k, device=cols.device)
         return csr(crow, cols.reshape(-1), w.reshape(-1), (r, self.num_vertices))
 
-    def blur_(self, buffer: torch.Tensor) -> torch.Tensor:
-        """Blur ``buffer`` (M+1, C) in place along j = 0..d: v <- v + (v[n1] + v[n2]) / 2 on its first M rows
-        (row M must be zero: a missing neighbour reads it). Returns ``buffer``."""
-        m = self.num_vertices
-        for j in range(self.dim + 1):
-            n1, n2 = self.neighbours[j]
-            step = buffer.index_select(0, n1)
-            step += buffer.index_select(0, n2)
-            buffer[:m].add_(step, alpha=0.5)
-        return buffer
-
     def blur_matrices(self) -> list:
         """The d+1 blur steps as (M, M+1) CSR matrices B_j (rows n1, self, n2 with 1/2, 1, 1/2; column M is the
-        zero row a missing neighbour reads): ``buffer[:M] = B_j @ buffer`` is one step of ``blur_`` without its
-        temporaries (one sparse product per direction)."""
+        zero row a missing neighbour reads): ``buffer[:M] = B_j @ buffer`` is the blur step along direction j,
+        v <- v + (v[n1] + v[n2]) / 2, as one sparse product."""
         m = self.num_vertices
         dev = self.neighbours.device
         own = torch.arange(m, device=dev)
@@ -107,23 +90,42 @@ class Lattice:
             mats.append(csr(crow, cols.reshape(-1), vals.reshape(-1), (m, m + 1)))
         return mats
 
-    def blur(self, values: torch.Tensor) -> torch.Tensor:
-        """(M, C) lattice values -> (M, C), blurred along j = 0..d (see ``blur_``)."""
-        buf = values.new_zeros(self.num_vertices + 1, values.shape[1])
-        buf[: self.num_vertices] = values
-        return self.blur_(buf)[: self.num_vertices]
+    def blur(self, values: torch.Tensor, steps: list | None = None) -> torch.Tensor:
+        """(M, C) lattice values -> (M, C), blurred along j = 0..d (``blur``; ``steps`` = ``blur_matrices()``,
+        built here if not given)."""
+        return blur(values, self.blur_matrices() if steps is None else steps)
 
-    def filter_ones(self) -> torch.Tensor:
-        """(N,) float32: ``filter`` of a column of ones (the kernel's row sums D), without building matrices."""
+    def filter_ones(self, steps: list | None = None) -> torch.Tensor:
+        """(N,) float32: ``filter`` of a column of ones (the kernel's row sums D), without the splat and slice
+        matrices."""
         flat = self.offsets.reshape(-1)
         splat = torch.zeros(self.num_vertices, dtype=torch.float32, device=flat.device)
         splat.index_add_(0, flat, self.weights.reshape(-1))
-        blurred = self.blur(splat[:, None])[:, 0]
+        blurred = self.blur(splat[:, None], steps)[:, 0]
         return (blurred[self.offsets] * self.weights).sum(dim=1) * self.alpha
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (N, C): alpha * S^T B S values (pydensecrf ``Permutohedral::compute``)."""
         return torch.sparse.mm(self.slice_matrix(), self.blur(torch.sparse.mm(self.splat_matrix(), values)))
+
+
+def blur(values: torch.Tensor, steps: list, splat: torch.Tensor | None = None) -> torch.Tensor:
+    """Blur lattice values along j = 0..d, v <- v + (v[n1] + v[n2]) / 2 (a missing neighbour reads zero), with
+    ``steps`` the d+1 (M, M+1) matrices of ``Lattice.blur_matrices``. ``values`` (M, C), or (N, C) point values
+    splatted first by ``splat`` (M, N). Returns (M, C); two (M+1, C) buffers, no other temporaries."""
+    m = steps[0].shape[0]
+    c = values.shape[1]
+    a, b = values.new_empty(m + 1, c), values.new_empty(m + 1, c)
+    a[m] = 0  # the row a missing neighbour reads
+    b[m] = 0
+    if splat is None:
+        a[:m] = values
+    else:
+        torch.mm(splat, values, out=a[:m])
+    for step in steps:  # ping-pong between the two buffers
+        torch.mm(step, a, out=b[:m])
+        a, b = b, a
+    return a[:m]
 
 
 def csr(crow, col, val, size) -> torch.Tensor:
