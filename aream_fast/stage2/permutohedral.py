@@ -28,7 +28,8 @@ _MAX_CODE = 2 ** 62
 class Lattice:
     """A permutohedral lattice built for N points with d-dimensional features.
 
-    ``offsets`` (N, d+1) int64: the lattice vertex (0..M-1) of each simplex corner of each point;
+    ``offsets`` (N, d+1) int32 (int64 past 2^31 corners): the lattice vertex (0..M-1) of each simplex corner of each
+    point;
     ``weights`` (N, d+1) float32: the barycentric weights; ``neighbours`` (d+1, 2, M) int64: for blur direction j
     the vertex one step down (n1) and up (n2), or M when the vertex does not exist (a zero row).
     ``splat_crow`` (M+1,), ``splat_point`` (N (d+1),), ``splat_src`` (N (d+1),): the CSR layout of the splat
@@ -168,15 +169,15 @@ def build_lattice(features: torch.Tensor) -> Lattice:
     down = float(torch.tensor(1.0 / (d + 1), dtype=torch.float32))
     v = torch.round(elevated * down)
     rem0 = v * float(d + 1)
-    # rank of each coordinate of elevated - rem0, float32 as the C++ (for i < j: diff[i] < diff[j] ranks i up,
-    # else j), written as rank[j] = j + sum_{i < j} (c_ij - c_ij') with c = [diff[i] < diff[j]]
+    # rank of each coordinate of elevated - rem0, float32 as the C++: for i < j, diff[i] < diff[j] ranks i up,
+    # else j
     diff = elevated - rem0
-    rank = torch.arange(d + 1, dtype=torch.float32, device=dev)[:, None].repeat(1, n)
+    rank = torch.zeros(d + 1, n, dtype=torch.float32, device=dev)
     for i in range(d):
         for j in range(i + 1, d + 1):
-            c = (diff[i] < diff[j]).to(torch.float32)
-            rank[i] += c
-            rank[j] -= c
+            c = diff[i] < diff[j]
+            rank[i] += c  # bool promotes to 0 / 1
+            rank[j] += ~c
     rank += v.sum(dim=0)
     wrap = (rank < 0).to(torch.float32)
     wrap -= (rank >= d + 1).to(torch.float32)
@@ -184,45 +185,46 @@ def build_lattice(features: torch.Tensor) -> Lattice:
     rank += wrap
     rem0 += wrap
     rank_i = rank.to(torch.int64)
-    # barycentric coordinates (p.10 of Adams et al.)
-    bv = (elevated - rem0) * down
-    bary = torch.zeros(d + 2, n, dtype=torch.float32, device=dev)
-    bary.scatter_add_(0, d - rank_i, bv)
-    bary.scatter_add_(0, d + 1 - rank_i, -bv)
-    bary[0] += 1.0 + bary[d + 1]
-    weights = bary[: d + 1].t().contiguous()
+    # barycentric coordinates (p.10 of Adams et al.): the C++ adds bv[c] to bary[d - rank[c]] and subtracts it
+    # from bary[d - rank[c] + 1]; with s[k] = bv at rank k that is bary[j] = s[d - j] - s[d - j + 1] (s[d+1] = 0)
+    # and weights[0] = bary[0] + (1 + bary[d + 1]) = s[d] + (1 - s[0]), the same float32 operations
+    s_rank = torch.empty(d + 1, n, dtype=torch.float32, device=dev).scatter_(0, rank_i, (elevated - rem0) * down)
+    s_rev = torch.flip(s_rank, [0])  # s_rev[j] = s[d - j]
+    weights = torch.empty(n, d + 1, dtype=torch.float32, device=dev)
+    torch.sub(s_rev[1:].t(), s_rev[:-1].t(), out=weights[:, 1:])  # j = 1..d: s[d - j] - s[d - j + 1]
+    torch.add(s_rev[0], 1.0 - s_rev[d], out=weights[:, 0])
     # integer vertex codes. Corner r of a point is key[c] = rem0[c] + r - (d+1) [rank[c] > d - r] (p.10; the
     # first d coordinates determine a vertex), so every coordinate of corner r is = r mod (d+1): key[c] =
     # (d+1) m_c + r with m_c = rem0[c] / (d+1) - [rank[c] > d - r]. The code packs (r, m_0..m_{d-1}) as
     # r R + sum_c (m_c - lo_c) stride_c (R = the m range): a (d+1)^(d-1) times smaller range than the keys.
-    m0 = (rem0[:d] * down).round_().to(torch.int64)  # rem0 / (d+1), exact
-    lo = m0.amin(dim=1) - 2  # a margin of 2 on m: corners step down by 1, blur neighbours by 1 more
-    span = m0.amax(dim=1) + 2 - lo + 1
+    m0 = (rem0[:d] * down).round_()  # rem0 / (d+1), exact (float32 integers)
+    lo = [int(x) - 2 for x in m0.amin(dim=1).tolist()]  # a margin of 2 on m: corners step down by 1, blur by 1
+    span = [int(x) + 2 - low + 1 for x, low in zip(m0.amax(dim=1).tolist(), lo)]
     strides = [1] * d
     for c in range(d - 2, -1, -1):
-        strides[c] = strides[c + 1] * int(span[c + 1])
-    block = strides[0] * int(span[0])
+        strides[c] = strides[c + 1] * span[c + 1]
+    block = strides[0] * span[0]
     if block * (d + 1) >= _MAX_CODE:
         raise ValueError("the lattice keys of these features do not fit in 63 bits (feature range too large for "
                          "the kernel widths: sxy / srgb too small)")
-    stride_t = torch.tensor(strides, dtype=torch.int64, device=dev)[:, None]
-    base = ((m0 - lo[:, None]) * stride_t).sum(dim=0)  # (N,)
+    code_dtype = torch.int32 if block * (d + 1) < 2 ** 31 else torch.int64  # a 32-bit sort is about twice as fast
+    m0 -= torch.tensor(lo, dtype=torch.float32, device=dev)[:, None]
+    stride_t = torch.tensor(strides, dtype=code_dtype, device=dev)[:, None]
+    base = (m0.to(code_dtype) * stride_t).sum(dim=0, dtype=code_dtype)  # (N,)
     # corner r subtracts the strides of the c < d with rank[c] >= d + 1 - r: scatter the strides by rank, then
     # corner r = corner r-1 minus the strides of rank d + 1 - r
-    by_rank = torch.zeros(d + 1, n, dtype=torch.int64, device=dev)
+    by_rank = torch.zeros(d + 1, n, dtype=code_dtype, device=dev)
     by_rank.scatter_add_(0, rank_i[:d], stride_t.expand(d, n))
-    codes = torch.empty(d + 1, n, dtype=torch.int64, device=dev)
-    codes[0] = base
+    codes = torch.empty(n, d + 1, dtype=code_dtype, device=dev)  # entry i (d+1) + r: point i, corner r
+    codes[:, 0] = base
     for r in range(1, d + 1):
-        torch.sub(codes[r - 1], by_rank[d + 1 - r], out=codes[r])
-    codes += torch.arange(d + 1, device=dev)[:, None] * block
-    if block * (d + 1) < 2 ** 31:  # a 32-bit sort is about twice as fast
-        codes = codes.to(torch.int32)
-    inverse, unique_codes, crow, order = _hash(codes.t().reshape(-1))  # entry i (d+1) + r: point i, corner r
+        base -= by_rank[d + 1 - r]
+        torch.add(base, r * block, out=codes[:, r])
+    inverse, unique_codes, crow, order = _hash(codes.reshape(-1))
     neighbours = _neighbours(unique_codes, strides, block, d)
     return Lattice(num_points=n, dim=d, num_vertices=unique_codes.shape[0], offsets=inverse.reshape(n, d + 1),
-                   weights=weights, neighbours=neighbours, splat_crow=crow, splat_point=order // (d + 1),
-                   splat_src=order)
+                   weights=weights, neighbours=neighbours, splat_crow=crow,
+                   splat_point=torch.div(order, d + 1, rounding_mode="floor"), splat_src=order)
 
 
 def _hash(codes: torch.Tensor):
@@ -232,7 +234,9 @@ def _hash(codes: torch.Tensor):
     sorted_codes, order = torch.sort(codes, stable=True)
     is_new = torch.ones_like(sorted_codes, dtype=torch.bool)
     is_new[1:] = sorted_codes[1:] != sorted_codes[:-1]
-    inverse = torch.empty_like(order).scatter_(0, order, torch.cumsum(is_new, 0) - 1)
+    ids = torch.cumsum(is_new, 0, dtype=torch.int32 if codes.numel() < 2 ** 31 else torch.int64)
+    ids -= 1
+    inverse = torch.empty_like(ids).scatter_(0, order, ids)
     starts = torch.nonzero(is_new).reshape(-1)
     crow = torch.cat([starts, starts.new_tensor([codes.shape[0]])])
     return inverse, sorted_codes[starts], crow, order
