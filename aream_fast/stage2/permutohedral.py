@@ -55,9 +55,8 @@ class Lattice:
 
     def splat_matrix(self, point_scale: torch.Tensor | None = None) -> torch.Tensor:
         """(M, N) CSR splat matrix, S[offsets[i, r], i] = weights[i, r] * point_scale[i]."""
-        val = self.weights.reshape(-1)[self.splat_src]
-        if point_scale is not None:
-            val *= point_scale[self.splat_point]
+        w = self.weights if point_scale is None else self.weights * point_scale[:, None]
+        val = w.reshape(-1)[self.splat_src]
         return csr(self.splat_crow, self.splat_point, val, (self.num_vertices, self.num_points))
 
     def slice_matrix(self, point_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,7 +223,7 @@ def build_lattice(features: torch.Tensor) -> Lattice:
     neighbours = _neighbours(unique_codes, strides, block, d)
     return Lattice(num_points=n, dim=d, num_vertices=unique_codes.shape[0], offsets=inverse.reshape(n, d + 1),
                    weights=weights, neighbours=neighbours, splat_crow=crow,
-                   splat_point=torch.div(order, d + 1, rounding_mode="floor"), splat_src=order)
+                   splat_point=torch.div(order.to(inverse.dtype), d + 1, rounding_mode="floor"), splat_src=order)
 
 
 def _hash(codes: torch.Tensor):
