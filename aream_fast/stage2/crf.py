@@ -225,12 +225,15 @@ _position_terms: "OrderedDict[tuple, _LatticeTerm]" = OrderedDict()
 
 
 def _position_term(h: int, w: int, sxy: float, device: torch.device) -> _LatticeTerm:
+    size = POSITION_CACHE_SIZE
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"aream_fast.stage2.crf.POSITION_CACHE_SIZE must be an int >= 0, got {size!r}")
     key = (h, w, float(sxy), str(device))
     term = _position_terms.pop(key, None)
     if term is None:
         term = _LatticeTerm(build_lattice(_position_features(h, w, sxy, device)))
     _position_terms[key] = term  # most recently used last
-    while len(_position_terms) > POSITION_CACHE_SIZE:
+    while len(_position_terms) > size:
         _position_terms.popitem(last=False)
     return term
 
@@ -254,8 +257,8 @@ def _mean_field(unary: torch.Tensor, terms, iterations: int) -> torch.Tensor:
     ``terms`` is a list of (kernel term, w_k)."""
     neg_unary = -unary
     q = _softmax_rows(neg_unary.clone())
+    (first, first_compat), rest = terms[0], terms[1:]
     for _ in range(iterations):
-        (first, first_compat), rest = terms[0], terms[1:]
         message = first.add_to(neg_unary, q, first_compat, inplace=False)
         for term, compat in rest:
             term.add_to(message, q, compat)
@@ -272,8 +275,8 @@ def dense_crf(image, probs, *, preset: str = "cam", iterations: int = 10, backen
 
     Args:
         image: (H, W, 3) uint8 numpy array or tensor (RGB as pydensecrf's ``rgbim``), or a list of them, or a
-            (B, H, W, 3) batch. A list that holds the same image object more than once (several score maps of
-            one image, as the la / ha rule) builds that image's bilateral lattice once.
+            (B, H, W, 3) batch. A list that repeats the same image object in consecutive entries (several score
+            maps of one image, as the la / ha rule) builds that image's bilateral lattice once.
         probs: (K, H, W) float probabilities (or scores in [0, 1]), or a list / (B, K, H, W) batch; each image
             has its own K (e.g. its present classes plus background).
         preset: a name in ``CRF_PRESETS``; ``overrides`` are CRFParams fields that replace the preset's values.
@@ -298,12 +301,12 @@ def dense_crf(image, probs, *, preset: str = "cam", iterations: int = 10, backen
     device = torch.device(device)
     return_numpy = not isinstance(probs_list[0], torch.Tensor)
     outputs = []
-    bilateral_terms: Dict[int, "_LatticeTerm"] = {}  # a list that repeats an image object builds its lattice once
+    previous: Dict[int, "_LatticeTerm"] = {}  # the last image's bilateral term, reused when the object repeats
     for b, (img, p) in enumerate(zip(images, probs_list)):
         suffix = f"[{b}]" if batched else ""
         img_t = _as_image(img, f"image{suffix}", device)
         p_t = _as_probs(p, f"probs{suffix}", img_t.shape[:2], normalized, device)
-        q = _crf_one(img_t, p_t, params, iterations, backend, bilateral_terms, id(img))
+        q = _crf_one(img_t, p_t, params, iterations, backend, previous, id(img))
         outputs.append(q.cpu().numpy() if return_numpy else q)
     if batched == "list":
         return outputs
@@ -330,8 +333,9 @@ def _split_batch(image, probs):
 
 
 def _crf_one(image: torch.Tensor, probs: torch.Tensor, params: CRFParams, iterations: int, backend: str,
-             bilateral_terms: Dict[int, "_LatticeTerm"], image_key: int) -> torch.Tensor:
-    """(H, W, 3) uint8 + (K, H, W) float32 -> (K, H, W) float32 Q on one image."""
+             previous: Dict[int, "_LatticeTerm"], image_key: int) -> torch.Tensor:
+    """(H, W, 3) uint8 + (K, H, W) float32 -> (K, H, W) float32 Q on one image. ``previous`` maps the key of the
+    last image (``id`` of the caller's object) to its bilateral term; it is reused for the same key."""
     k, h, w = probs.shape
     n = h * w
     if backend == "exact" and n > EXACT_MAX_PIXELS:
@@ -341,10 +345,11 @@ def _crf_one(image: torch.Tensor, probs: torch.Tensor, params: CRFParams, iterat
         gaussian, bilateral = crf_features(image, params)
         terms = [_ExactTerm(gaussian), _ExactTerm(bilateral)]
     else:
-        bilateral = bilateral_terms.get(image_key)
-        if bilateral is None:
+        bilateral = previous.get(image_key)
+        if bilateral is None:  # keep only this image's term: a long list holds one lattice at a time
             features = _bilateral_features(image, params.bilateral_sxy, params.bilateral_srgb)
-            bilateral = bilateral_terms[image_key] = _LatticeTerm(build_lattice(features))
+            previous.clear()
+            bilateral = previous[image_key] = _LatticeTerm(build_lattice(features))
         terms = [_position_term(h, w, params.gaussian_sxy, image.device), bilateral]
     unary = -torch.log(probs.clamp(params.unary_clip, 1.0)).reshape(k, n).t().contiguous()
     q = _mean_field(unary, list(zip(terms, [params.gaussian_compat, params.bilateral_compat])), iterations)

@@ -143,14 +143,17 @@ def build_lattice(features: torch.Tensor) -> Lattice:
     Follows the SSE ``Permutohedral::init`` of pydensecrf step by step (float32, round half
     to even), so vertices and barycentric weights are the same.
 
-    Vertex keys (the first d lattice coordinates) are coded as one int64 with a margin of d+1 on
-    every coordinate, so a blur neighbour's code is the vertex's code plus a constant per direction.
+    Vertices are coded as one integer each (remainder r and the first d lattice coordinates / (d+1), with a
+    margin of 2 on every coordinate; 32-bit when the range fits), so a blur neighbour's code is the vertex's code
+    plus one of two constants per direction (``_neighbours``).
     """
     if features.dim() != 2 or features.dtype != torch.float32:
         raise ValueError(f"features must be a (N, d) float32 tensor, got {tuple(features.shape)} {features.dtype}")
     n, d = features.shape
     if n == 0 or d == 0:
         raise ValueError(f"features must have at least one point and one dimension, got {tuple(features.shape)}")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("features contain NaN or infinite values")
     dev = features.device
     inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
     scale = torch.tensor([1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev for i in range(d)],

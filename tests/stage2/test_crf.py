@@ -364,6 +364,9 @@ def test_position_lattice_cache(monkeypatch):
     monkeypatch.setattr(crf, "POSITION_CACHE_SIZE", 0)  # keep none
     np.testing.assert_array_equal(dense_crf(img, probs, preset="cam"), cold)
     assert len(crf._position_terms) == 0
+    monkeypatch.setattr(crf, "POSITION_CACHE_SIZE", -1)
+    with pytest.raises(ValueError, match="POSITION_CACHE_SIZE must be an int >= 0, got -1"):
+        dense_crf(img, probs, preset="cam")
 
 
 def test_repeated_image_builds_one_bilateral_lattice(monkeypatch):
@@ -382,6 +385,18 @@ def test_repeated_image_builds_one_bilateral_lattice(monkeypatch):
     assert built == [5, 2]  # the bilateral once, the Gaussian once (then cached)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
-    # a copy of the image is another object: its own lattice
+    # a copy of the image is another object: its own lattice; only consecutive repeats share one
     dense_crf([img, img.copy()], [p1, p2], preset="toco")
     assert built == [5, 2, 5, 5]
+    other, _ = synthetic_image(9, 12, 3, seed=8)
+    dense_crf([img, other, img], [p1, p2, p1], preset="toco")
+    assert built == [5, 2, 5, 5, 5, 5, 5]
+
+
+def test_build_lattice_refuses_bad_features():
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        build_lattice(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="float32"):
+        build_lattice(torch.zeros(3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="at least one point"):
+        build_lattice(torch.zeros(0, 2))
