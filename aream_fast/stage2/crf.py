@@ -175,9 +175,10 @@ class _LatticeTerm:
     def __init__(self, lattice: Lattice):
         self.num_vertices = lattice.num_vertices  # the lattice's own arrays are not kept (cached terms stay small)
         self.blurs = lattice.blur_matrices()
-        norm = 1.0 / torch.sqrt(lattice.filter_ones(self.blurs) + 1e-20)
+        self.slice = lattice.slice_matrix()  # alpha * weights; D is its product with the blurred splat of ones
+        norm = 1.0 / torch.sqrt(lattice.filter_ones(self.blurs, slice_matrix=self.slice) + 1e-20)
+        self.slice.values().view(-1, lattice.dim + 1).mul_(norm[:, None])  # rows are points: D^-1/2 on the left
         self.splat = lattice.splat_matrix(norm)
-        self.slice = lattice.slice_matrix(norm)
 
     def nbytes(self) -> int:
         """Bytes held by the term's sparse matrices."""
@@ -185,18 +186,14 @@ class _LatticeTerm:
         return sum(t.numel() * t.element_size() for m in mats
                    for t in (m.crow_indices(), m.col_indices(), m.values()))
 
-    def add_to(self, message: torch.Tensor, q: torch.Tensor, compat: float, inplace: bool = True) -> torch.Tensor:
-        """message (N, K) + compat * K~ q, in place into ``message`` or a new tensor; q (N, K) float32."""
-        blurred = blur(q, self.blurs, splat=self.splat)
-        if inplace:
-            return message.addmm_(self.slice, blurred, alpha=compat)
-        return torch.addmm(message, self.slice, blurred, alpha=compat)
+    def add_to(self, message: torch.Tensor, q: torch.Tensor, compat: float, beta: float = 1.0) -> torch.Tensor:
+        """``message = beta * message + compat * K~ q`` in place (beta = 0 ignores its old contents); message and
+        q (N, C) float32, contiguous. Returns ``message``."""
+        return message.addmm_(self.slice, blur(q, self.blurs, splat=self.splat), beta=beta, alpha=compat)
 
     def apply(self, q: torch.Tensor) -> torch.Tensor:
-        """(N, K) -> K~ q (N, K)."""
-        out = torch.zeros_like(q)
-        self.add_to(out, q, 1.0)
-        return out
+        """(N, C) -> K~ q (N, C)."""
+        return self.add_to(torch.empty_like(q), q.contiguous(), 1.0, beta=0.0)
 
 
 class _ExactTerm:
@@ -208,9 +205,9 @@ class _ExactTerm:
         norm = 1.0 / torch.sqrt(k.sum(dim=1) + 1e-20)
         self.matrix = norm[:, None] * k * norm[None, :]
 
-    def add_to(self, message: torch.Tensor, q: torch.Tensor, compat: float, inplace: bool = True) -> torch.Tensor:
+    def add_to(self, message: torch.Tensor, q: torch.Tensor, compat: float, beta: float = 1.0) -> torch.Tensor:
         update = (compat * (self.matrix @ q.to(torch.float64))).to(torch.float32)
-        return message.add_(update) if inplace else message + update
+        return message.copy_(update) if beta == 0 else message.mul_(beta).add_(update)
 
     def apply(self, q: torch.Tensor) -> torch.Tensor:
         return (self.matrix @ q.to(torch.float64)).to(torch.float32)
@@ -252,15 +249,13 @@ def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.div_(logits.sum(dim=1, keepdim=True))
 
 
-def _mean_field(unary: torch.Tensor, terms, iterations: int) -> torch.Tensor:
-    """(N, K) unary -> (N, K) Q after ``iterations`` mean-field updates ``Q <- softmax(-U + sum_k w_k K~_k Q)``;
-    ``terms`` is a list of (kernel term, w_k)."""
-    neg_unary = -unary
+def _mean_field(neg_unary: torch.Tensor, terms, iterations: int) -> torch.Tensor:
+    """(N, K) ``-U`` -> (N, K) Q after ``iterations`` mean-field updates ``Q <- softmax(-U + sum_k w_k K~_k Q)``
+    (summed in pydensecrf's order: -U, then each kernel's message); ``terms`` is a list of (kernel term, w_k)."""
     q = _softmax_rows(neg_unary.clone())
-    (first, first_compat), rest = terms[0], terms[1:]
     for _ in range(iterations):
-        message = first.add_to(neg_unary, q, first_compat, inplace=False)
-        for term, compat in rest:
+        message = neg_unary.clone()
+        for term, compat in terms:
             term.add_to(message, q, compat)
         q = _softmax_rows(message)
     return q
@@ -351,6 +346,6 @@ def _crf_one(image: torch.Tensor, probs: torch.Tensor, params: CRFParams, iterat
             previous.clear()
             bilateral = previous[image_key] = _LatticeTerm(build_lattice(features))
         terms = [_position_term(h, w, params.gaussian_sxy, image.device), bilateral]
-    unary = -torch.log(probs.clamp(params.unary_clip, 1.0)).reshape(k, n).t().contiguous()
-    q = _mean_field(unary, list(zip(terms, [params.gaussian_compat, params.bilateral_compat])), iterations)
+    neg_unary = torch.log(probs.clamp(params.unary_clip, 1.0)).reshape(k, n).t().contiguous()  # -U, (N, K)
+    q = _mean_field(neg_unary, list(zip(terms, [params.gaussian_compat, params.bilateral_compat])), iterations)
     return q.t().reshape(k, h, w).contiguous()

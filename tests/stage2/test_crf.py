@@ -162,6 +162,48 @@ def test_lattice_filter_matches_naive_lattice(dim_case):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim_case", ["gaussian", "bilateral"])
+def test_neighbour_table_matches_binary_search(dim_case, monkeypatch):
+    """The dense code -> vertex table and the binary search find the same blur neighbours (both exist and
+    missing ones), and the filter through either matches the naive lattice."""
+    from aream_fast.stage2 import permutohedral
+
+    img, _ = synthetic_image(13, 17, 3, seed=4)
+    fg, fb = crf_features(torch.from_numpy(img), CRF_PRESETS["cam"])
+    feats = fg if dim_case == "gaussian" else fb
+    found = []
+    for limit in (0, 10 ** 9):  # 0: binary search only; 10^9: always the table
+        monkeypatch.setattr(permutohedral, "_TABLE_MAX_RANGE_PER_VERTEX", limit)
+        found.append(build_lattice(feats))
+    searched, tabled = (lat.neighbours for lat in found)
+    m = found[0].num_vertices
+    assert searched.dtype == torch.int32 and torch.equal(searched, tabled)
+    assert bool((searched < m).any()) and bool((searched == m).any())
+    values = np.random.default_rng(1).random((feats.shape[0], 2)).astype(np.float32)
+    want = naive_lattice_filter(feats.numpy(), values.astype(np.float64))
+    for lat in found:
+        np.testing.assert_allclose(lat.filter(torch.from_numpy(values)).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_blur_ignores_buffer_contents():
+    """``blur`` writes each sparse product with ``addmm_(..., beta=0)`` into uninitialised buffers: torch must
+    ignore their old contents, NaN included (torch.addmm documents it; this guards an upgrade)."""
+    from aream_fast.stage2.permutohedral import blur
+
+    img, _ = synthetic_image(9, 11, 3, seed=5)
+    lattice = build_lattice(crf_features(torch.from_numpy(img), CRF_PRESETS["cam"])[1])
+    step = lattice.blur_matrices()[0]
+    x = torch.rand(step.shape[1], 3)
+    out = torch.full((step.shape[0], 3), float("nan"))
+    out.addmm_(step, x, beta=0)
+    torch.testing.assert_close(out, (step.to_dense() @ x))
+    values = torch.rand(lattice.num_vertices, 3)
+    want = values.double()
+    for dense_step in lattice.blur_matrices():  # (M, M+1): column M is the zero row of missing neighbours
+        want = dense_step.to_dense().double() @ torch.cat([want, want.new_zeros(1, 3)])
+    torch.testing.assert_close(blur(values, lattice.blur_matrices()), want.float())
+
+
 @pytest.mark.parametrize("spread", [3.0, 3000.0])
 def test_lattice_filter_wide_features(spread):
     """Scattered 5-D features: the packed vertex codes fit in 32 bits for a small spread and need the 64-bit
