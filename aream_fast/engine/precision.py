@@ -137,7 +137,7 @@ def choose_precision(device: torch.device, amp: bool, *, width: int = 192,
         timing = f"measured {what}: fp32 {fp32_s * 1e3:.1f} ms, bf16 autocast {bf16_s * 1e3:.1f} ms"
         if bf16_s < 0.8 * fp32_s:
             return Precision(torch.bfloat16, False, f"CPU: bf16 autocast chosen ({timing})")
-        return Precision(None, False, f"CPU: fp32 chosen, bf16 autocast is not faster here ({timing})")
+        return Precision(None, False, f"CPU: fp32 chosen, bf16 autocast is not >= 20 % faster here ({timing})")
     return Precision(None, False, f"--amp ignored on device type {device.type!r}: fp32")
 
 

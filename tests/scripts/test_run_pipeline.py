@@ -133,3 +133,13 @@ def test_bad_flags_refused_before_any_work(tmp_path, capsys, flag):
         pipeline.main(["--out", str(tmp_path / "o"), flag, value])
     assert exc.value.code == 2 and f"{flag} {message}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing started, no output folder
+
+
+@pytest.mark.parametrize("argv, want", [([], ["--amp", "--cpu-amp", "fp32", "--compile"]),
+                                        (["--cpu-amp", "measure"], ["--amp", "--cpu-amp", "measure", "--compile"]),
+                                        (["--no-amp", "--no-compile"], [])])
+def test_trainings_get_a_pinned_cpu_precision(tmp_path, argv, want):
+    """Both trainings get --cpu-amp (default fp32): the pipeline's numbers must not depend on the --amp probe,
+    which flips between bf16 and fp32 from run to run for the demo's model."""
+    pipeline = load_script("scripts/run_pipeline.py", "run_pipeline_amp")
+    assert pipeline.Pipeline(pipeline._parse(["--out", str(tmp_path / "o"), *argv])).train_flags() == want
