@@ -71,7 +71,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=4, help="val images in examples.png (0: no figure)")
     p.add_argument("--no-amp", action="store_true", help="train without --amp")
     p.add_argument("--cpu-amp", default="fp32", choices=("fp32", "bf16", "measure"),
-                   help="what --amp means for both trainings on a CPU (default fp32: the pipeline's numbers must not "
+                   help="what --amp means for every training on a CPU (default fp32: the pipeline's numbers must not "
                         "depend on a timing probe; 'measure' picks bf16 autocast when it is >= 20 %% faster, which "
                         "on the demo's model sits at that margin and flips between runs, benchmarks/RESULTS.md)")
     p.add_argument("--no-compile", action="store_true", help="train without --compile")
