@@ -139,7 +139,15 @@ def test_bad_flags_refused_before_any_work(tmp_path, capsys, flag):
                                         (["--cpu-amp", "measure"], ["--amp", "--cpu-amp", "measure", "--compile"]),
                                         (["--no-amp", "--no-compile"], [])])
 def test_trainings_get_a_pinned_cpu_precision(tmp_path, argv, want):
-    """Both trainings get --cpu-amp (default fp32): the pipeline's numbers must not depend on the --amp probe,
+    """Every training gets --cpu-amp (default fp32): the pipeline's numbers must not depend on the --amp probe,
     which flips between bf16 and fp32 from run to run for the demo's model."""
     pipeline = load_script("scripts/run_pipeline.py", "run_pipeline_amp")
     assert pipeline.Pipeline(pipeline._parse(["--out", str(tmp_path / "o"), *argv])).train_flags() == want
+
+
+def test_bad_cpu_amp_refused_before_any_work(tmp_path, capsys):
+    pipeline = load_script("scripts/run_pipeline.py", "run_pipeline_amp_bad")
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main(["--out", str(tmp_path / "o"), "--cpu-amp", "fp16"])
+    assert exc.value.code == 2 and "--cpu-amp: invalid choice: 'fp16'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

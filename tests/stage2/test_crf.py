@@ -185,6 +185,17 @@ def test_neighbour_table_matches_binary_search(dim_case, monkeypatch):
         np.testing.assert_allclose(lat.filter(torch.from_numpy(values)).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_filter_ones_is_the_filter_of_ones():
+    """The kernel's row sums D (scatter splat, shared blur, slice product) equal the full filter of a column of
+    ones, with or without the caller's blur and slice matrices."""
+    img, _ = synthetic_image(9, 11, 3, seed=6)
+    for feats in crf_features(torch.from_numpy(img), CRF_PRESETS["cam"]):
+        lattice = build_lattice(feats)
+        want = lattice.filter(torch.ones(feats.shape[0], 1))[:, 0]
+        torch.testing.assert_close(lattice.filter_ones(), want)
+        torch.testing.assert_close(lattice.filter_ones(lattice.blur_matrices(), lattice.slice_matrix()), want)
+
+
 def test_blur_ignores_buffer_contents():
     """``blur`` writes each sparse product with ``addmm_(..., beta=0)`` into uninitialised buffers: torch must
     ignore their old contents, NaN included (torch.addmm documents it; this guards an upgrade)."""
